@@ -1,0 +1,483 @@
+"""The meta-RL tasks of the paper (Section 5.1, Appendix A/B) and the learning-history file format.
+
+A meta-RL task family is a set of MDPs that share dynamics but differ in a hidden task parameter
+(a goal position, a target velocity, a running direction). The parameter is *not* in the observation,
+so an agent must find it by trial and error: that is what Algorithm Distillation learns to do in context.
+
+    point_goal        2-D point robot, goal on the upper unit half-circle      (CPU demo, tests)
+    reacher_goal      Reacher-v5, target hidden, uniform in the disk r <= 0.2
+    pusher_goal       Pusher-v5, cylinder start and goal position hidden
+    half_cheetah_vel  HalfCheetah-v5, run at a hidden target velocity in [0, 3]
+    ant_dir           Ant-v5, run in a hidden direction in [0, 2 pi)
+
+Every env: action space Box(-1, 1) (rescaled inside), fixed-length episodes (truncated at the horizon,
+never terminated) so a history reshapes to [episodes, horizon, ...], and info["task"] carries the task.
+All are registered with gymnasium (`gymnasium.make("ReacherGoal-v0", task=...)`).
+
+This file also holds `ENVS` (the per-env paper settings every script takes its defaults from),
+`sample_tasks` (deterministic, disjoint train/val/test tasks), `MultiTaskVecEnv` (tasks x envs copies
+stepped in one call) and `save_history` / `load_history` (the .npz contract between the RL scripts
+and ad.py).
+"""
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+from gymnasium.envs.mujoco.ant_v5 import AntEnv
+from gymnasium.envs.mujoco.half_cheetah_v5 import HalfCheetahEnv
+from gymnasium.envs.mujoco.pusher_v5 import PusherEnv
+from gymnasium.envs.mujoco.reacher_v5 import ReacherEnv
+
+
+# ----------------------------------------------------------------------------- the tasks
+
+class MetaTask:
+    """Mixin: a hidden task parameter and a fixed horizon (truncation only, no early termination)."""
+    horizon: int
+
+    def _init_task(self, task, default):
+        self.task = np.asarray(default if task is None else task, dtype=np.float32).copy()
+        self.t = 0
+
+    def _step_result(self, obs, reward):
+        self.t += 1
+        return obs, float(reward), False, self.t >= self.horizon, {"task": self.task.copy()}
+
+
+class PointGoal(MetaTask, gym.Env):
+    """2-D point robot (PEARL / VariBAD): s <- s + 0.1 a from (0, 0), reward -||s - goal||.
+    The goal lies on the upper unit half-circle; the observation is the position only."""
+    horizon = 20
+
+    def __init__(self, task=None, render_mode=None):
+        self._init_task(task, default=(1.0, 0.0))
+        self.observation_space = spaces.Box(-np.inf, np.inf, (2,), np.float32)
+        self.action_space = spaces.Box(-1.0, 1.0, (2,), np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        self.pos = np.zeros(2, dtype=np.float32)
+        return self.pos.copy(), {"task": self.task.copy()}
+
+    def step(self, action):
+        self.pos = self.pos + 0.1 * np.clip(action, -1.0, 1.0).astype(np.float32)
+        return self._step_result(self.pos.copy(), -np.linalg.norm(self.pos - self.task))
+
+
+class MujocoMetaTask(MetaTask):
+    """Shared MuJoCo plumbing: Box(-1, 1) actions rescaled to the actuators' range, float32 obs,
+    info["task"] at reset. Subclasses define `_get_obs` (without the task) and `_reward`."""
+
+    def _finish_init(self, task, default):
+        self._init_task(task, default)
+        low, high = self.model.actuator_ctrlrange.T
+        self._act_center, self._act_scale = (high + low) / 2, (high - low) / 2
+        self.action_space = spaces.Box(-1.0, 1.0, low.shape, np.float32)
+        obs_dim = self._get_obs().shape[0]
+        self.observation_space = spaces.Box(-np.inf, np.inf, (obs_dim,), np.float32)
+
+    def step(self, action):
+        ctrl = self._act_center + self._act_scale * np.clip(action, -1.0, 1.0)
+        xy_before = self.data.body(self._main_body_name).xpos[:2].copy()
+        self.do_simulation(ctrl, self.frame_skip)
+        xy_velocity = (self.data.body(self._main_body_name).xpos[:2] - xy_before) / self.dt
+        return self._step_result(self._get_obs(), self._reward(ctrl, xy_velocity))
+
+    def _get_reset_info(self):
+        return {"task": self.task.copy()}
+
+
+class ReacherGoal(MujocoMetaTask, ReacherEnv):
+    """Reacher-v5 whose target is hidden: obs = cos/sin of the joint angles, joint velocities and the
+    fingertip position (the target and fingertip-target vector of Reacher-v5 are removed).
+    Reward -||tip - target|| - ||a||^2. Task: target (x, y)."""
+    horizon = 50
+    _main_body_name = "fingertip"
+
+    def __init__(self, task=None, **kwargs):
+        ReacherEnv.__init__(self, **kwargs)
+        self._finish_init(task, default=(0.1, 0.1))
+
+    def reset_model(self):
+        self.t = 0
+        qpos = self.init_qpos + self.np_random.uniform(-0.1, 0.1, self.model.nq)
+        qpos[-2:] = self.task
+        qvel = self.init_qvel + self.np_random.uniform(-0.005, 0.005, self.model.nv)
+        qvel[-2:] = 0
+        self.set_state(qpos, qvel)
+        return self._get_obs()
+
+    def _get_obs(self):
+        theta = self.data.qpos[:2]
+        tip = self.get_body_com("fingertip")[:2]
+        return np.concatenate([np.cos(theta), np.sin(theta), self.data.qvel[:2], tip]).astype(np.float32)
+
+    def _reward(self, ctrl, xy_velocity):
+        dist = np.linalg.norm(self.get_body_com("fingertip")[:2] - self.get_body_com("target")[:2])
+        return -dist - np.square(ctrl).sum()
+
+
+class PusherGoal(MujocoMetaTask, PusherEnv):
+    """Pusher-v5 whose cylinder start and goal are hidden: obs = 7 joint angles, 7 joint velocities and
+    the arm tip position (the object and goal positions of Pusher-v5 are removed). Reward as Pusher-v5:
+    -||obj - goal|| - 0.5 ||obj - tip|| - 0.1 ||ctrl||^2. Task: (obj_x, obj_y, goal_x, goal_y), offsets
+    from the bodies' positions in the XML."""
+    horizon = 100
+    _main_body_name = "tips_arm"
+
+    def __init__(self, task=None, **kwargs):
+        PusherEnv.__init__(self, **kwargs)
+        self._finish_init(task, default=(0.0, -0.2, 0.0, 0.0))
+
+    def reset_model(self):
+        self.t = 0
+        qpos = self.init_qpos.copy()
+        obj_x, obj_y, goal_x, goal_y = self.task
+        qpos[-4:] = obj_y, obj_x, goal_y, goal_x  # the XML declares each slide joint pair y before x
+        qvel = self.init_qvel + self.np_random.uniform(-0.005, 0.005, self.model.nv)
+        qvel[-4:] = 0
+        self.set_state(qpos, qvel)
+        return self._get_obs()
+
+    def _get_obs(self):
+        return np.concatenate([self.data.qpos[:7], self.data.qvel[:7],
+                               self.get_body_com("tips_arm")]).astype(np.float32)
+
+    def _reward(self, ctrl, xy_velocity):
+        obj, tip, goal = (self.get_body_com(b) for b in ("object", "tips_arm", "goal"))
+        return -np.linalg.norm(obj - goal) - 0.5 * np.linalg.norm(obj - tip) - 0.1 * np.square(ctrl).sum()
+
+
+class HalfCheetahVel(MujocoMetaTask, HalfCheetahEnv):
+    """HalfCheetah-v5 that must run at a hidden target velocity v* (MAML / PEARL):
+    reward -|v_x - v*| - 0.05 ||a||^2. Task: (v*,)."""
+    horizon = 200
+    _main_body_name = "torso"
+
+    def __init__(self, task=None, **kwargs):
+        HalfCheetahEnv.__init__(self, **kwargs)
+        self._finish_init(task, default=(1.0,))
+
+    def reset_model(self):
+        self.t = 0
+        return HalfCheetahEnv.reset_model(self)
+
+    def _get_obs(self):
+        return HalfCheetahEnv._get_obs(self).astype(np.float32)
+
+    def _reward(self, ctrl, xy_velocity):
+        return -abs(xy_velocity[0] - self.task[0]) - 0.05 * np.square(ctrl).sum()
+
+
+class AntDir(MujocoMetaTask, AntEnv):
+    """Ant-v5 that must run in a hidden direction (MAML / PEARL): reward = velocity . (cos, sin)
+    - control cost - contact cost + healthy bonus; it never terminates when unhealthy.
+    Task: the unit direction (cos, sin)."""
+    horizon = 200
+    _main_body_name = "torso"
+
+    def __init__(self, task=None, **kwargs):
+        kwargs = {"include_cfrc_ext_in_observation": False, "terminate_when_unhealthy": False, **kwargs}
+        AntEnv.__init__(self, **kwargs)
+        self._finish_init(task, default=(1.0, 0.0))
+
+    def reset_model(self):
+        self.t = 0
+        return AntEnv.reset_model(self)
+
+    def _get_obs(self):
+        return AntEnv._get_obs(self).astype(np.float32)
+
+    def _reward(self, ctrl, xy_velocity):
+        return (xy_velocity @ self.task + self.healthy_reward
+                - self.control_cost(ctrl) - self.contact_cost)
+
+
+# ----------------------------------------------------------------------------- task samplers
+
+def _point_goal(rng):
+    angle = rng.uniform(0, np.pi)
+    return np.array([np.cos(angle), np.sin(angle)])
+
+
+def _reacher_goal(rng):
+    radius, angle = 0.2 * np.sqrt(rng.uniform()), rng.uniform(0, 2 * np.pi)  # uniform in the disk
+    return radius * np.array([np.cos(angle), np.sin(angle)])
+
+
+def _pusher_goal(rng):
+    while True:  # cylinder start as in Pusher-v5; goal in a box around the default goal; not too close
+        obj = np.array([rng.uniform(-0.2, 0.2), rng.uniform(-0.3, 0.0)])
+        goal = np.array([rng.uniform(-0.2, 0.2), rng.uniform(-0.2, 0.2)])
+        if np.linalg.norm(obj - goal) > 0.17:
+            return np.concatenate([obj, goal])
+
+
+def _half_cheetah_vel(rng):
+    return np.array([rng.uniform(0.0, 3.0)])
+
+
+def _ant_dir(rng):
+    angle = rng.uniform(0, 2 * np.pi)
+    return np.array([np.cos(angle), np.sin(angle)])
+
+
+# ----------------------------------------------------------------------------- the settings table
+
+@dataclass(frozen=True)
+class EnvSettings:
+    """One row of the paper's Appendix A/B tables, plus what our scripts need to run the env."""
+    gym_id: str
+    env_class: type
+    sample_task: callable          # rng -> task vector
+    algo: str                      # source RL algorithm (Appendix A)
+    train_tasks: int               # number of training tasks (Appendix A)
+    steps_per_task: int            # env steps of learning history per task (Appendix A)
+    k: int                         # keep every k-th episode for AD (Appendix B)
+    weight_decay: float            # AD optimiser weight decay (Appendix B)
+    mamba: dict                    # AD-Mamba size (Appendix B)
+    transformer: dict              # AD-transformer size (Appendix B)
+    rl: dict = field(default_factory=dict)  # per-env overrides of the RL scripts' defaults
+
+    @property
+    def horizon(self):
+        return self.env_class.horizon
+
+
+ENVS = {
+    # Not in the paper: the CPU demo. RL settings from a prototype (DESIGN.md): rewards are about -1
+    # per step, so an initial entropy weight of 1 swamps them; small nets and lr 1e-3 learn fast.
+    "point_goal": EnvSettings(
+        "PointGoal-v0", PointGoal, _point_goal, algo="sac", train_tasks=100, steps_per_task=2000,
+        k=4, weight_decay=1e-4, mamba=dict(d_model=64, n_layer=2),
+        transformer=dict(d_model=64, n_layer=2, n_head=4, d_ff=256),
+        rl=dict(lr=1e-3, alpha_init=0.1, hidden=64)),
+    "reacher_goal": EnvSettings(
+        "ReacherGoal-v0", ReacherGoal, _reacher_goal, algo="sac", train_tasks=70, steps_per_task=100_000,
+        k=4, weight_decay=1e-4, mamba=dict(d_model=384, n_layer=6),
+        transformer=dict(d_model=384, n_layer=8, n_head=4, d_ff=2048)),
+    "pusher_goal": EnvSettings(
+        "PusherGoal-v0", PusherGoal, _pusher_goal, algo="ppo", train_tasks=35, steps_per_task=500_000,
+        k=10, weight_decay=2e-4, mamba=dict(d_model=512, n_layer=8),
+        transformer=dict(d_model=512, n_layer=9, n_head=4, d_ff=2048)),
+    "half_cheetah_vel": EnvSettings(
+        "HalfCheetahVel-v0", HalfCheetahVel, _half_cheetah_vel, algo="sac", train_tasks=15,
+        steps_per_task=400_000, k=8, weight_decay=5e-4, mamba=dict(d_model=512, n_layer=8),
+        transformer=dict(d_model=512, n_layer=9, n_head=4, d_ff=2048)),
+    "ant_dir": EnvSettings(
+        "AntDir-v0", AntDir, _ant_dir, algo="droq", train_tasks=30, steps_per_task=500_000,
+        k=10, weight_decay=5e-4, mamba=dict(d_model=512, n_layer=8),
+        transformer=dict(d_model=512, n_layer=6, n_head=4, d_ff=2048)),
+}
+
+for _name, _settings in ENVS.items():
+    if _settings.gym_id not in gym.registry:
+        gym.register(id=_settings.gym_id, entry_point=_settings.env_class)
+
+
+def env_settings(name):
+    """ENVS[name], or a one-line error that lists the valid names."""
+    if name not in ENVS:
+        raise ValueError(f"unknown env {name!r}; choose one of: {', '.join(ENVS)}")
+    return ENVS[name]
+
+
+def make_env(name, task=None, seed=None):
+    """A bare env (no gymnasium wrappers: the fixed horizon is built in), reset with `seed`."""
+    env = env_settings(name).env_class(task=task)
+    env.reset(seed=seed)
+    env.action_space.seed(seed)
+    return env
+
+
+_SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
+
+
+def sample_tasks(name, n, split="train", seed=0):
+    """n tasks of env `name` as an array [n, task_dim]. Deterministic in (split, seed); each split
+    draws from its own random stream, so train, validation and test tasks never coincide. The first
+    m tasks of a call with n >= m are the tasks of the call with m."""
+    if split not in _SPLIT_IDS:
+        raise ValueError(f"unknown split {split!r}; choose one of: {', '.join(_SPLIT_IDS)}")
+    sampler = env_settings(name).sample_task
+    rng = np.random.default_rng([seed, _SPLIT_IDS[split], 0x7A5C])
+    return np.stack([sampler(rng) for _ in range(n)]).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- many envs at once
+
+class MultiTaskVecEnv:
+    """n_tasks x n_envs environments stepped in one call, as arrays with a leading [task, env] axis.
+
+    All episodes have the same fixed length, so every env ends its episode on the same step: `step`
+    says when (`episode_over`) and the caller resets all of them together. Copies of one task get
+    different seeds (different initial states)."""
+
+    def __init__(self, name, tasks, n_envs, seed=0):
+        self.horizon = env_settings(name).horizon
+        self.envs = [[make_env(name, task, seed=seed * 1_000_003 + 1000 * i + j) for j in range(n_envs)]
+                     for i, task in enumerate(tasks)]
+        self.n_tasks, self.n_envs = len(tasks), n_envs
+        first = self.envs[0][0]
+        self.obs_dim, self.act_dim = first.observation_space.shape[0], first.action_space.shape[0]
+        self.t = 0
+
+    def reset(self):
+        self.t = 0
+        return np.stack([[env.reset()[0] for env in row] for row in self.envs])
+
+    def step(self, actions):
+        """actions [n_tasks, n_envs, act_dim] -> obs [.., obs_dim], reward [n_tasks, n_envs], episode_over."""
+        obs = np.empty((self.n_tasks, self.n_envs, self.obs_dim), np.float32)
+        rew = np.empty((self.n_tasks, self.n_envs), np.float32)
+        for i, row in enumerate(self.envs):
+            for j, env in enumerate(row):
+                obs[i, j], rew[i, j], *_ = env.step(actions[i, j])
+        self.t += 1
+        return obs, rew, self.t >= self.horizon
+
+
+# ----------------------------------------------------------------------------- learning histories
+
+class HistoryError(ValueError):
+    """A learning-history file is missing, malformed, truncated or holds NaNs."""
+
+
+def save_history(path, *, obs, act, rew, task, env, algo, seed, steps, act_mean=None, act_std=None):
+    """Write one task's learning history atomically (temp file + rename: a kill never leaves a
+    half-written file under `path`). Arrays: obs [E, n_episodes, H, obs_dim], act (and optional
+    act_mean, act_std) [E, n_episodes, H, act_dim] in [-1, 1], rew [E, n_episodes, H]."""
+    arrays = dict(obs=obs, act=act, rew=rew, task=task)
+    if act_mean is not None:
+        arrays.update(act_mean=act_mean, act_std=act_std)
+    arrays = {k: np.asarray(v, dtype=np.float32) for k, v in arrays.items()}
+    arrays.update(env=np.array(env), algo=np.array(algo), seed=np.array(seed, np.int64),
+                  steps=np.array(steps, np.int64))
+    _check_history(arrays, path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=".npz")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load_history(path):
+    """Read and validate one history file; a dict of its arrays (metadata as Python scalars).
+    Raises HistoryError naming the file when it is missing, unreadable, truncated or inconsistent."""
+    if not os.path.isfile(path):
+        raise HistoryError(f"{path}: no such history file")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            data = {k: f[k] for k in f.files}
+    except Exception as e:  # zipfile, zlib, EOF and format errors all mean a corrupted file
+        raise HistoryError(f"{path}: not a readable .npz history ({type(e).__name__}: {e})") from None
+    _check_history(data, path)
+    for k in ("env", "algo"):
+        data[k] = str(data[k])
+    for k in ("seed", "steps"):
+        data[k] = int(data[k])
+    return data
+
+
+def _check_history(d, path):
+    required = ("obs", "act", "rew", "task", "env", "algo", "seed", "steps")
+    missing = [k for k in required if k not in d]
+    if missing:
+        raise HistoryError(f"{path}: missing arrays {missing}")
+    if d["obs"].ndim != 4 or d["act"].ndim != 4 or d["rew"].ndim != 3:
+        raise HistoryError(f"{path}: expected obs/act [E, episodes, H, dim] and rew [E, episodes, H], "
+                           f"got {d['obs'].shape}, {d['act'].shape}, {d['rew'].shape}")
+    lead = d["obs"].shape[:3]
+    names = ["act", "rew"] + [k for k in ("act_mean", "act_std") if k in d]
+    for k in names:
+        if d[k].shape[:3] != lead:
+            raise HistoryError(f"{path}: {k} has leading shape {d[k].shape[:3]}, obs has {lead}")
+    for k in ("act_mean", "act_std"):
+        if k in d and d[k].shape != d["act"].shape:
+            raise HistoryError(f"{path}: {k} shape {d[k].shape} != act shape {d['act'].shape}")
+    for k in ["obs", "task"] + names:
+        if not np.isfinite(d[k]).all():
+            raise HistoryError(f"{path}: {k} holds NaN or inf")
+    if np.abs(d["act"]).max(initial=0) > 1:
+        raise HistoryError(f"{path}: actions outside [-1, 1]")
+
+
+# ----------------------------------------------------------------------------- running many tasks
+
+def history_path(out_dir, index):
+    return os.path.join(out_dir, f"task_{index:03d}.npz")
+
+
+def prepare_out_dir(out_dir):
+    """Create `out_dir` and check it is writable; raise a one-line OSError if not."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        tempfile.TemporaryFile(dir=out_dir).close()
+    except OSError as e:
+        raise OSError(f"cannot write to {out_dir!r}: {e.strerror or e}") from None
+
+
+def pending_tasks(out_dir, tasks, **expected):
+    """Indices of the tasks whose history file is not yet complete in `out_dir` (resume support).
+    A complete file written with other settings (env, algo, seed, steps, task) is an error rather than
+    silently mixed into the data set; an unreadable one (never left by save_history) is redone."""
+    todo = []
+    for i, task in enumerate(tasks):
+        path = history_path(out_dir, i)
+        if not os.path.exists(path):
+            todo.append(i)
+            continue
+        try:
+            data = load_history(path)
+        except HistoryError as e:
+            print(f"warning: {e}; it will be regenerated")
+            todo.append(i)
+            continue
+        found = {k: data[k] for k in expected}
+        if found != expected or not np.allclose(data["task"], task):
+            raise HistoryError(f"{path} was written with other settings ({found}, task {data['task']}) than "
+                               f"this run ({expected}, task {task}); delete it or choose another --out")
+    return todo
+
+
+def plot_learning_curves(out_dir, png_path, max_tasks=6):
+    """Plot the mean episode return against env steps per task for a few tasks of `out_dir`,
+    plus the mean over all of them. Returns the final mean return (last 10% of episodes)."""
+    import glob
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = sorted(glob.glob(os.path.join(out_dir, "task_*.npz")))
+    if not paths:
+        raise HistoryError(f"{out_dir}: no task_*.npz history files to plot")
+    curves = []
+    for path in paths:
+        h = load_history(path)
+        curves.append(h["rew"].sum(-1).mean(0))  # [n_episodes]: return averaged over the E streams
+        steps_per_episode = h["steps"] / len(curves[-1])
+    curves = np.stack(curves)
+    x = steps_per_episode * np.arange(1, curves.shape[1] + 1)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, c in enumerate(curves[:max_tasks]):
+        ax.plot(x, c, lw=0.8, alpha=0.6, label=f"task {i}")
+    ax.plot(x, curves.mean(0), "k", lw=2, label=f"mean of {len(curves)} tasks")
+    ax.set(xlabel="env steps per task", ylabel="episode return",
+           title=f"{h['algo'].upper()} learning histories: {h['env']}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+    last = max(1, curves.shape[1] // 10)
+    return float(curves[:, -last:].mean())

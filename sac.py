@@ -1,0 +1,347 @@
+"""Soft Actor-Critic (Haarnoja et al. 2018), written by hand, training many tasks at once.
+
+It generates the learning histories that Algorithm Distillation imitates (paper Section 5.2, Appendix A:
+SAC for Reacher-Goal and HalfCheetah-Vel). SAC maximises return + alpha * entropy with
+  - a tanh-squashed Gaussian policy  a = tanh(mu(s) + sigma(s) * eps),
+  - twin Q-networks and Polyak-averaged target copies (the min of the two curbs over-estimation),
+  - the soft target  y = r + gamma * (min_i Q'_i(s', a') - alpha * log pi(a'|s')),  a' ~ pi(.|s'),
+  - automatic entropy tuning: alpha is adjusted so that E[-log pi] tracks -act_dim.
+Episodes only end by truncation at the fixed horizon, so the target always bootstraps.
+
+Many tasks at once: every weight carries a leading task axis and is applied with one batched matmul;
+the loss is the sum of the per-task losses, so each task gets exactly its own gradient, and Adam is
+element-wise, so one Adam over the stacked weights is exactly independent Adams (no global gradient
+clipping: it would couple the tasks). One process thus trains 70 tasks about as fast as a few.
+
+The learning history *is* the replay buffer: every transition is kept in order, [task, env, step],
+sampled uniformly for updates and written out at the end as one .npz file per task (envs.save_history).
+
+    python sac.py --env reacher_goal --tasks 70          # -> data/reacher_goal/sac/task_*.npz
+    python sac.py --env point_goal --tasks 100 --steps 2000
+Defaults follow Appendix A (an SB3-style SAC: 5 envs per task, one gradient step per vector step,
+lr 1e-4, batch 256, 400 warm-up steps, buffer 1e6, gamma 0.99) with the per-env overrides of envs.ENVS.
+"""
+import argparse
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import envs
+
+
+# ----------------------------------------------------------------------------- task-batched networks
+
+class TaskLinear(nn.Module):
+    """n independent linear layers in one batched matmul: x [n, B, d_in] -> [n, B, d_out]."""
+
+    def __init__(self, n, d_in, d_out):
+        super().__init__()
+        bound = 1 / math.sqrt(d_in)  # nn.Linear's default initialisation, per layer
+        self.weight = nn.Parameter(torch.empty(n, d_in, d_out).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(n, 1, d_out).uniform_(-bound, bound))
+
+    def forward(self, x):
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+def task_mlp(n, d_in, hidden, d_out, n_hidden=2):
+    sizes = [d_in] + [hidden] * n_hidden
+    layers = []
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        layers += [TaskLinear(n, a, b), nn.ReLU()]
+    return nn.Sequential(*layers, TaskLinear(n, sizes[-1], d_out))
+
+
+LOG_STD_MIN, LOG_STD_MAX = -20, 2
+
+
+def normal_quantile_nodes(n=32):
+    """n points whose average approximates E[f(x)], x ~ N(0, 1): the midpoints of n equal-probability
+    bins, scaled to unit variance. Unlike Gauss-Hermite nodes they stay accurate when f is nearly a
+    step, as tanh(mu + std * x) is for a wide policy."""
+    nodes = torch.special.ndtri((torch.arange(n, dtype=torch.float64) + 0.5) / n)
+    return (nodes / nodes.square().mean().sqrt()).float()
+
+
+class Actor(nn.Module):
+    """Tanh-squashed Gaussian policy, one per task."""
+
+    def __init__(self, n_tasks, obs_dim, act_dim, hidden):
+        super().__init__()
+        self.net = task_mlp(n_tasks, obs_dim, hidden, 2 * act_dim)
+        self.register_buffer("normal_nodes", normal_quantile_nodes())
+
+    def forward(self, obs):
+        mu, log_std = self.net(obs).chunk(2, dim=-1)
+        return mu, log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
+
+    def sample(self, obs):
+        """a ~ pi(.|s) with its log-density, by the reparameterisation trick."""
+        mu, log_std = self(obs)
+        u = mu + log_std.exp() * torch.randn_like(mu)
+        # log N(u; mu, std) minus log|d tanh(u)/du| = log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u))
+        log_prob = (-0.5 * ((u - mu) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)
+                    - 2 * (math.log(2) - u - F.softplus(-2 * u))).sum(-1)
+        return torch.tanh(u), log_prob
+
+    def squashed_moments(self, obs):
+        """Mean and std of the action tanh(u), u ~ N(mu, std): the policy's own distribution in
+        [-1, 1] action space, stored in the histories as a low-noise distillation target."""
+        mu, log_std = self(obs)
+        a = torch.tanh(mu[..., None] + log_std.exp()[..., None] * self.normal_nodes)
+        mean = a.mean(-1)
+        var = a.square().mean(-1) - mean.square()
+        return mean, var.clamp_min(0).sqrt()
+
+
+class TwinQ(nn.Module):
+    """Two Q-networks per task, evaluated as one batch of 2 * n_tasks networks."""
+
+    def __init__(self, n_tasks, obs_dim, act_dim, hidden):
+        super().__init__()
+        self.net = task_mlp(2 * n_tasks, obs_dim + act_dim, hidden, 1)
+
+    def forward(self, obs, act):
+        """obs [T, B, obs_dim], act [T, B, act_dim] -> Q [T, 2, B]."""
+        T, B, _ = obs.shape
+        x = torch.cat([obs, act], -1).unsqueeze(1).expand(T, 2, B, -1).reshape(2 * T, B, -1)
+        return self.net(x).view(T, 2, B)
+
+
+# ----------------------------------------------------------------------------- the agent
+
+class SAC:
+    def __init__(self, n_tasks, obs_dim, act_dim, hidden=256, lr=1e-4, gamma=0.99, tau=0.005,
+                 alpha_init=1.0, device="cpu"):
+        self.gamma, self.tau = gamma, tau
+        self.actor = Actor(n_tasks, obs_dim, act_dim, hidden).to(device)
+        self.critic = self.make_critic(n_tasks, obs_dim, act_dim, hidden).to(device)
+        self.critic_target = self.make_critic(n_tasks, obs_dim, act_dim, hidden).to(device)
+        self.critic_target.load_state_dict(self.critic.state_dict())
+        self.critic_target.requires_grad_(False)
+        self.log_alpha = torch.full((n_tasks, 1), math.log(alpha_init), device=device, requires_grad=True)
+        self.target_entropy = -act_dim
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=lr)
+        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=lr)
+        self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=lr)
+
+    def make_critic(self, n_tasks, obs_dim, act_dim, hidden):
+        return TwinQ(n_tasks, obs_dim, act_dim, hidden)
+
+    @torch.no_grad()
+    def act(self, obs):
+        """obs [T, E, obs_dim] -> sampled action, and the policy's mean and std in action space."""
+        action, _ = self.actor.sample(obs)
+        mean, std = self.actor.squashed_moments(obs)
+        return action, mean, std
+
+    def update_critic(self, obs, act, rew, next_obs):
+        with torch.no_grad():
+            next_act, next_log_prob = self.actor.sample(next_obs)
+            next_q = self.critic_target(next_obs, next_act).min(dim=1).values
+            target = rew + self.gamma * (next_q - self.log_alpha.exp() * next_log_prob)
+        q = self.critic(obs, act)
+        loss = (q - target[:, None]).square().mean(-1).sum()  # per task: MSE of both critics; summed
+        self.critic_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.critic_opt.step()
+        with torch.no_grad():
+            for p_target, p in zip(self.critic_target.parameters(), self.critic.parameters()):
+                p_target.lerp_(p, self.tau)
+        return loss.item() / len(obs)
+
+    def update_actor_and_alpha(self, obs):
+        action, log_prob = self.actor.sample(obs)
+        q = self.critic(obs, action).min(dim=1).values
+        alpha = self.log_alpha.exp().detach()
+        actor_loss = (alpha * log_prob - q).mean(-1).sum()
+        self.actor_opt.zero_grad(set_to_none=True)
+        actor_loss.backward(inputs=list(self.actor.parameters()))  # no gradient for the critic here
+        self.actor_opt.step()
+        alpha_loss = -(self.log_alpha * (log_prob.detach() + self.target_entropy)).mean(-1).sum()
+        self.alpha_opt.zero_grad(set_to_none=True)
+        alpha_loss.backward()
+        self.alpha_opt.step()
+
+    def update(self, obs, act, rew, next_obs):
+        """One gradient step on every task's critic, actor and entropy weight."""
+        self.update_critic(obs, act, rew, next_obs)
+        self.update_actor_and_alpha(obs)
+
+
+# ----------------------------------------------------------------------------- history = replay buffer
+
+class HistoryBuffer:
+    """Every transition of the run, in order: tensors [task, env, step, ...]. Sampled as a replay
+    buffer (uniformly over the last `capacity` transitions of each task) and saved as the history.
+    The next observation of a step is the following step's observation, except at an episode's end,
+    where it is kept in `final_obs` (the next step starts a fresh episode)."""
+
+    def __init__(self, n_tasks, n_envs, n_steps, horizon, obs_dim, act_dim, device):
+        shape = (n_tasks, n_envs, n_steps)
+        self.obs = torch.zeros(*shape, obs_dim, device=device)
+        self.act, self.act_mean, self.act_std = (torch.zeros(*shape, act_dim, device=device) for _ in range(3))
+        self.rew = torch.zeros(*shape, device=device)
+        self.final_obs = torch.zeros(n_tasks, n_envs, n_steps // horizon, obs_dim, device=device)
+        self.horizon, self.n = horizon, 0
+
+    def add(self, obs, act, rew, next_obs, act_mean, act_std):
+        """Append one vector step: each argument [task, env, ...]."""
+        t = self.n
+        self.obs[:, :, t], self.act[:, :, t], self.rew[:, :, t] = obs, act, rew
+        self.act_mean[:, :, t], self.act_std[:, :, t] = act_mean, act_std
+        if (t + 1) % self.horizon == 0:
+            self.final_obs[:, :, t // self.horizon] = next_obs
+        else:
+            self.obs[:, :, t + 1] = next_obs
+        self.n += 1
+
+    def sample(self, batch_size, capacity):
+        """batch_size transitions per task -> obs, act, rew, next_obs, each [task, batch, ...]."""
+        T, E = self.obs.shape[:2]
+        device = self.obs.device
+        t = torch.randint(max(0, self.n - capacity // E), self.n, (T, batch_size), device=device)
+        env = torch.randint(0, E, (T, batch_size), device=device)
+        task = torch.arange(T, device=device)[:, None]
+        ends = ((t + 1) % self.horizon == 0)[..., None]
+        next_obs = torch.where(ends, self.final_obs[task, env, t // self.horizon],
+                               self.obs[task, env, (t + 1).clamp(max=self.obs.shape[2] - 1)])
+        return self.obs[task, env, t], self.act[task, env, t], self.rew[task, env, t], next_obs
+
+
+# ----------------------------------------------------------------------------- one run over many tasks
+
+UNIFORM_STD = 1 / math.sqrt(3)  # std of U(-1, 1): the "policy" of the warm-up steps
+
+
+def collect_and_learn(agent, vec, n_steps, args, desc):
+    """Run the agent on every env of `vec` for n_steps vector steps, learning as it goes (the same loop
+    serves SAC and DroQ, whose `update` differs). Returns the filled HistoryBuffer."""
+    device = args.device
+    buf = HistoryBuffer(vec.n_tasks, vec.n_envs, n_steps, vec.horizon, vec.obs_dim, vec.act_dim, device)
+    warmup = math.ceil(args.warmup / vec.n_envs)  # warm-up counted in transitions per task, like SB3
+    obs = torch.as_tensor(vec.reset(), device=device)
+    shape = (vec.n_tasks, vec.n_envs, vec.act_dim)
+    bar = tqdm(range(n_steps), desc=desc, unit="step", dynamic_ncols=True, mininterval=1.0)
+    for t in bar:
+        if t < warmup:  # uniformly random actions fill the buffer before learning starts
+            action = torch.rand(shape, device=device) * 2 - 1
+            mean, std = torch.zeros(shape, device=device), torch.full(shape, UNIFORM_STD, device=device)
+        else:
+            action, mean, std = agent.act(obs)
+        next_obs, rew, episode_over = vec.step(action.cpu().numpy())
+        next_obs = torch.as_tensor(next_obs, device=device)
+        buf.add(obs, action, torch.as_tensor(rew, device=device), next_obs, mean, std)
+        obs = torch.as_tensor(vec.reset(), device=device) if episode_over else next_obs
+        if t >= warmup:
+            for _ in range(args.gradient_steps):
+                agent.update(*buf.sample(args.batch_size, args.buffer_size))
+        if episode_over:
+            bar.set_postfix(ret=f"{buf.rew[:, :, t + 1 - vec.horizon:t + 1].sum(-1).mean().item():.2f}", refresh=False)
+    bar.close()
+    return buf
+
+
+def build_parser(algo, description):
+    """The command line shared by the off-policy scripts (sac.py, droq.py): paper defaults."""
+    p = argparse.ArgumentParser(description=description,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--env", default="reacher_goal", choices=list(envs.ENVS))
+    p.add_argument("--tasks", type=positive_int, default=None, help="number of training tasks (default: ENVS)")
+    p.add_argument("--steps", type=positive_int, default=None, help="env steps per task (default: ENVS)")
+    p.add_argument("--parallel", type=positive_int, default=None,
+                   help="train at most this many tasks at a time (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the training tasks, envs and networks")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--threads", type=positive_int, default=1,
+                   help="torch CPU threads (small nets run faster and steadier on one)")
+    p.add_argument("--out", default=None, help=f"output directory (default: data/ENV/{algo})")
+    p.add_argument("--n-envs", type=positive_int, default=5, help="parallel envs per task")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--batch-size", type=positive_int, default=256)
+    p.add_argument("--warmup", type=int, default=400, help="random-action steps per task before learning")
+    p.add_argument("--buffer-size", type=positive_int, default=1_000_000)
+    p.add_argument("--gamma", type=float, default=0.99)
+    p.add_argument("--tau", type=float, default=0.005, help="Polyak averaging rate of the target critics")
+    p.add_argument("--alpha-init", type=float, default=1.0, help="initial entropy weight")
+    p.add_argument("--hidden", type=positive_int, default=256, help="units in each of the 2 hidden layers")
+    p.add_argument("--gradient-steps", type=positive_int, default=1, help="updates per vector env step")
+    return p
+
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def parse_args(parser, argv=None):
+    """Parse twice: first --env, whose ENVS row then sets the defaults of everything else."""
+    name = parser.parse_known_args(argv)[0].env
+    settings = envs.ENVS[name]
+    parser.set_defaults(tasks=settings.train_tasks, steps=settings.steps_per_task, **settings.rl)
+    args = parser.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    return args
+
+
+def run(args, algo, make_agent):
+    """Train every pending task of the run, --parallel at a time, and write one history file per task.
+    Finished tasks are skipped, so a killed run resumes where it stopped."""
+    out = args.out or os.path.join("data", args.env, algo)
+    horizon = envs.ENVS[args.env].horizon
+    n_episodes = args.steps // (args.n_envs * horizon)
+    if n_episodes < 1:
+        raise ValueError(f"--steps {args.steps} is less than one episode per env "
+                         f"({args.n_envs} envs x horizon {horizon})")
+    steps = n_episodes * args.n_envs * horizon
+    envs.prepare_out_dir(out)
+    tasks = envs.sample_tasks(args.env, args.tasks, "train", seed=args.seed)
+    todo = envs.pending_tasks(out, tasks, env=args.env, algo=algo, seed=args.seed, steps=steps)
+    print(f"{algo} on {args.env}: {args.tasks} tasks x {steps} steps ({n_episodes} episodes x {args.n_envs} "
+          f"envs), {len(todo)} to do, device {args.device} -> {out}")
+    torch.set_num_threads(args.threads)
+    parallel = args.parallel or len(todo)
+    for start in range(0, len(todo), parallel):
+        chunk = todo[start:start + parallel]
+        torch.manual_seed(args.seed * 100_003 + chunk[0])
+        vec = envs.MultiTaskVecEnv(args.env, tasks[chunk], args.n_envs, seed=args.seed * 100_003 + chunk[0])
+        agent = make_agent(args, len(chunk), vec.obs_dim, vec.act_dim)
+        desc = f"tasks {chunk[0]}-{chunk[-1]}" if len(chunk) > 1 else f"task {chunk[0]}"
+        t0 = time.perf_counter()
+        buf = collect_and_learn(agent, vec, n_episodes * horizon, args, desc)
+        seconds = time.perf_counter() - t0
+        to_file = lambda x, i: x[i].view(args.n_envs, n_episodes, horizon, -1).squeeze(-1).cpu().numpy()
+        for i, task_index in enumerate(chunk):
+            envs.save_history(envs.history_path(out, task_index), obs=to_file(buf.obs, i),
+                              act=to_file(buf.act, i), rew=to_file(buf.rew, i),
+                              act_mean=to_file(buf.act_mean, i), act_std=to_file(buf.act_std, i),
+                              task=tasks[task_index], env=args.env, algo=algo, seed=args.seed, steps=steps)
+        print(f"  saved {len(chunk)} histories; {len(chunk) * steps / seconds:.0f} env steps/s in all")
+    final = envs.plot_learning_curves(out, os.path.join(out, "learning_curves.png"))
+    print(f"mean return over the last 10% of episodes: {final:.2f}; curves: {out}/learning_curves.png")
+
+
+def make_sac(args, n_tasks, obs_dim, act_dim):
+    return SAC(n_tasks, obs_dim, act_dim, hidden=args.hidden, lr=args.lr, gamma=args.gamma, tau=args.tau,
+               alpha_init=args.alpha_init, device=args.device)
+
+
+def main(argv=None, algo="sac", make_agent=make_sac, description=__doc__.split("\n")[0]):
+    args = parse_args(build_parser(algo, description), argv)
+    try:
+        run(args, algo, make_agent)
+    except (OSError, ValueError) as e:  # bad --out, mismatched old files, too few steps: one line
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

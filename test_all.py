@@ -1,0 +1,294 @@
+"""The test suite: `pytest test_all.py` (a few minutes on 2 CPU cores; tiny sizes, fixed seeds)."""
+import os
+import subprocess
+import sys
+import warnings
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from gymnasium.utils.env_checker import check_env
+
+import envs
+import sac
+
+torch.set_num_threads(1)
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# ----------------------------------------------------------------------------- envs
+
+@pytest.mark.parametrize("name", list(envs.ENVS))
+def test_check_env_passes(name):
+    env = envs.make_env(name, envs.sample_tasks(name, 1)[0], seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any checker warning other than the unbounded obs space fails
+        warnings.filterwarnings("ignore", message=".*Box observation space (minimum|maximum)")
+        check_env(env, skip_render_check=True)
+    assert env.action_space.low.min() == -1 and env.action_space.high.max() == 1
+
+
+@pytest.mark.parametrize("name", list(envs.ENVS))
+def test_registered_with_gymnasium(name):
+    task = envs.sample_tasks(name, 1, seed=3)[0]
+    env = gym.make(envs.ENVS[name].gym_id, task=task)
+    _, info = env.reset(seed=0)
+    np.testing.assert_array_equal(info["task"], task)
+
+
+def _rollout(name, task, actions, seed=0):
+    env = envs.make_env(name, task, seed=seed)
+    obs, rewards = [env.reset(seed=seed)[0]], []
+    for a in actions:
+        o, r, terminated, truncated, info = env.step(a)
+        obs.append(o)
+        rewards.append(r)
+        np.testing.assert_array_equal(info["task"], task)
+    return np.array(obs), np.array(rewards)
+
+
+@pytest.mark.parametrize("name", list(envs.ENVS))
+def test_task_changes_reward_not_observation(name):
+    """Same seed, same actions, two tasks: identical observations, different rewards."""
+    task_a, task_b = envs.sample_tasks(name, 2, seed=1)
+    if name == "pusher_goal":
+        task_b[:2] = task_a[:2]  # the cylinder can touch the arm: vary only the goal here
+    env = envs.make_env(name)
+    actions = np.random.default_rng(0).uniform(-1, 1, (30, env.action_space.shape[0]))
+    obs_a, rew_a = _rollout(name, task_a, actions)
+    obs_b, rew_b = _rollout(name, task_b, actions)
+    np.testing.assert_array_equal(obs_a, obs_b)
+    assert np.abs(rew_a - rew_b).max() > 1e-3
+
+
+@pytest.mark.parametrize("name", list(envs.ENVS))
+def test_fixed_horizon(name):
+    env = envs.make_env(name, seed=0)
+    for _ in range(2):  # and again after a reset
+        env.reset()
+        for t in range(1, env.horizon + 1):
+            _, _, terminated, truncated, _ = env.step(env.action_space.sample())
+            assert not terminated
+            assert truncated == (t == env.horizon)
+
+
+def test_point_goal_dynamics_and_optimal_return():
+    goal = np.array([0.0, 1.0], np.float32)
+    obs, rew = _rollout("point_goal", goal, [goal] * 10 + [0 * goal] * 10)  # walk to the goal, stay
+    np.testing.assert_allclose(obs[10], goal, atol=1e-6)
+    np.testing.assert_allclose(rew.sum(), -4.5, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(envs.ENVS))
+def test_sample_tasks_deterministic_and_disjoint(name):
+    train = envs.sample_tasks(name, 50, "train", seed=0)
+    np.testing.assert_array_equal(train, envs.sample_tasks(name, 50, "train", seed=0))
+    np.testing.assert_array_equal(train[:7], envs.sample_tasks(name, 7, "train", seed=0))
+    splits = [train, envs.sample_tasks(name, 50, "val"), envs.sample_tasks(name, 50, "test"),
+              envs.sample_tasks(name, 50, "train", seed=1)]
+    everything = np.concatenate(splits)
+    assert len(np.unique(everything.round(6), axis=0)) == len(everything)
+
+
+def test_task_distributions():
+    point = envs.sample_tasks("point_goal", 500)
+    np.testing.assert_allclose(np.linalg.norm(point, axis=1), 1, atol=1e-6)
+    assert point[:, 1].min() >= 0
+    reacher = np.linalg.norm(envs.sample_tasks("reacher_goal", 2000), axis=1)
+    assert reacher.max() <= 0.2 and 0.45 < (reacher < 0.2 / np.sqrt(2)).mean() < 0.55  # uniform in a disk
+    velocity = envs.sample_tasks("half_cheetah_vel", 500)
+    assert velocity.min() >= 0 and velocity.max() <= 3
+    pusher = envs.sample_tasks("pusher_goal", 200)
+    assert np.linalg.norm(pusher[:, :2] - pusher[:, 2:], axis=1).min() > 0.17
+
+
+def test_unknown_env_and_split():
+    with pytest.raises(ValueError, match="unknown env"):
+        envs.make_env("nope")
+    with pytest.raises(ValueError, match="unknown split"):
+        envs.sample_tasks("point_goal", 3, split="dev")
+
+
+def test_multitask_vec_env_matches_single_envs():
+    tasks = envs.sample_tasks("point_goal", 3)
+    vec = envs.MultiTaskVecEnv("point_goal", tasks, n_envs=2)
+    obs = vec.reset()
+    assert obs.shape == (3, 2, 2)
+    actions = np.random.default_rng(0).uniform(-1, 1, (20, 3, 2, 2))
+    for t, a in enumerate(actions):
+        obs, rew, over = vec.step(a)
+        assert rew.shape == (3, 2) and over == (t == 19)
+    _, rewards = _rollout("point_goal", tasks[2], actions[:, 2, 1])
+    np.testing.assert_allclose(rew[2, 1], rewards[-1], rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- history files
+
+def _history(E=2, n_ep=3, H=4, obs_dim=5, act_dim=2, seed=0):
+    rng = np.random.default_rng(seed)
+    act = rng.uniform(-1, 1, (E, n_ep, H, act_dim))
+    return dict(obs=rng.normal(size=(E, n_ep, H, obs_dim)), act=act, rew=rng.normal(size=(E, n_ep, H)),
+                act_mean=act * 0.5, act_std=np.full_like(act, 0.3), task=np.array([0.1, 0.2]),
+                env="point_goal", algo="sac", seed=3, steps=E * n_ep * H)
+
+
+def test_history_round_trip(tmp_path):
+    path = tmp_path / "task_000.npz"
+    h = _history()
+    envs.save_history(path, **h)
+    loaded = envs.load_history(path)
+    for k in ("obs", "act", "rew", "act_mean", "act_std", "task"):
+        assert loaded[k].dtype == np.float32
+        np.testing.assert_allclose(loaded[k], h[k], rtol=1e-6)
+    assert (loaded["env"], loaded["algo"], loaded["seed"], loaded["steps"]) == ("point_goal", "sac", 3, 24)
+    assert os.listdir(tmp_path) == ["task_000.npz"]  # no temp file left behind
+
+
+def test_history_rejects_bad_files(tmp_path):
+    path = str(tmp_path / "task_000.npz")
+    envs.save_history(path, **_history())
+    raw = open(path, "rb").read()
+    open(path, "wb").write(raw[: len(raw) // 2])  # truncated, as by a crash in a non-atomic writer
+    with pytest.raises(envs.HistoryError, match="task_000.npz"):
+        envs.load_history(path)
+    with pytest.raises(envs.HistoryError, match="no such"):
+        envs.load_history(str(tmp_path / "missing.npz"))
+    nan = _history()
+    nan["obs"][0, 1, 2, 3] = np.nan
+    with pytest.raises(envs.HistoryError, match="NaN"):
+        envs.save_history(path, **nan)
+    bad = _history()
+    np.savez(path, **{**bad, "rew": bad["rew"][:, :2]})  # written by hand, inconsistent shapes
+    with pytest.raises(envs.HistoryError, match="rew has leading shape"):
+        envs.load_history(path)
+    np.savez(path, **{k: v for k, v in bad.items() if k != "act"})
+    with pytest.raises(envs.HistoryError, match="missing arrays"):
+        envs.load_history(path)
+
+
+# ----------------------------------------------------------------------------- SAC
+
+def test_squashed_moments_match_monte_carlo():
+    torch.manual_seed(0)
+    actor = sac.Actor(2, obs_dim=3, act_dim=2, hidden=16)
+    with torch.no_grad():
+        actor.net[-1].bias[:, :, 2:] += 0.8  # std around 2: tanh saturates, the mean shrinks
+    obs = torch.randn(2, 4, 3)
+    mean, std = actor.squashed_moments(obs)
+    repeated = obs[:, None].expand(2, 20000, 4, 3).reshape(2, -1, 3)
+    samples = actor.sample(repeated)[0].view(2, 20000, 4, 2)
+    torch.testing.assert_close(mean, samples.mean(1), atol=0.02, rtol=0)
+    torch.testing.assert_close(std, samples.std(1), atol=0.01, rtol=0)
+
+
+def test_log_prob_is_the_squashed_gaussian_density():
+    torch.manual_seed(0)
+    actor = sac.Actor(1, obs_dim=2, act_dim=1, hidden=8)
+    obs = torch.randn(1, 1, 2).expand(1, 5, 2)
+    a, log_prob = actor.sample(obs)
+    mu, log_std = actor(obs)
+    u = torch.atanh(a)
+    expected = torch.distributions.Normal(mu, log_std.exp()).log_prob(u) - torch.log1p(-a.square())
+    torch.testing.assert_close(log_prob, expected.sum(-1), atol=1e-4, rtol=1e-4)
+
+
+def test_history_buffer_next_obs():
+    T, E, H, S = 2, 3, 4, 12
+    buf = sac.HistoryBuffer(T, E, S, H, obs_dim=1, act_dim=1, device="cpu")
+    value = lambda t: torch.full((T, E, 1), float(t))  # obs at step t (an episode's final obs: t + 0.5)
+    for t in range(S):
+        next_obs = value(t + 0.5) if (t + 1) % H == 0 else value(t + 1)
+        buf.add(value(t), value(t), torch.full((T, E), float(t)), next_obs, value(t), value(t))
+    obs, act, rew, next_obs = buf.sample(500, capacity=10 ** 6)
+    ends = (obs[..., 0] + 1) % H == 0
+    expected = torch.where(ends, obs[..., 0] + 0.5, obs[..., 0] + 1)
+    torch.testing.assert_close(next_obs[..., 0], expected)
+    torch.testing.assert_close(rew, obs[..., 0])
+    assert ends.any() and (~ends).any()
+    recent, *_ = buf.sample(500, capacity=E * 3)  # only the last 3 steps of each task
+    assert recent.min() >= S - 3
+
+
+def _grads(agent):
+    return [p.grad.clone() for p in list(agent.critic.parameters()) + list(agent.actor.parameters())]
+
+
+def test_tasks_trained_together_stay_independent():
+    """Changing task 1's data changes neither the gradients nor the parameters of tasks 0 and 2."""
+    def one_update(batch):
+        torch.manual_seed(0)
+        agent = sac.SAC(3, obs_dim=4, act_dim=2, hidden=16, lr=1e-2)
+        torch.manual_seed(1)
+        agent.update_critic(*batch)
+        critic_grads = [p.grad.clone() for p in agent.critic.parameters()]
+        agent.update_actor_and_alpha(batch[0])
+        actor_grads = [p.grad.clone() for p in agent.actor.parameters()]
+        params = [p.detach().clone() for p in list(agent.critic.parameters()) + list(agent.actor.parameters())]
+        return critic_grads + actor_grads, params + [agent.log_alpha.detach().clone()]
+
+    g = torch.Generator().manual_seed(0)
+    batch = [torch.randn(3, 8, 4, generator=g), torch.rand(3, 8, 2, generator=g) * 2 - 1,
+             torch.randn(3, 8, generator=g), torch.randn(3, 8, 4, generator=g)]
+    changed = [x.clone() for x in batch]
+    changed[0][1] += 5.0
+    changed[2][1] *= -3.0
+    grads_a, params_a = one_update(batch)
+    grads_b, params_b = one_update(changed)
+    critic_task_axis = lambda x: x.view(3, 2, *x.shape[1:]) if x.shape[0] == 6 else x  # [2T,...] twins
+    for a, b in zip(grads_a + params_a, grads_b + params_b):
+        a, b = critic_task_axis(a), critic_task_axis(b)
+        torch.testing.assert_close(a[[0, 2]], b[[0, 2]], rtol=0, atol=0)
+    assert all(not torch.equal(critic_task_axis(a)[1], critic_task_axis(b)[1]) for a, b in zip(grads_a, grads_b))
+
+
+def _run_sac(out, *extra):
+    sac.main(["--env", "point_goal", "--tasks", "3", "--steps", "1200", "--out", str(out),
+              "--gradient-steps", "4", *extra])
+
+
+def test_sac_learns_point_goal_and_writes_histories(tmp_path):
+    _run_sac(tmp_path)
+    files = sorted(os.listdir(tmp_path))
+    assert files == ["learning_curves.png", "task_000.npz", "task_001.npz", "task_002.npz"]
+    tasks = envs.sample_tasks("point_goal", 3)
+    returns = []
+    for i in range(3):
+        h = envs.load_history(tmp_path / f"task_{i:03d}.npz")
+        assert h["obs"].shape == (5, 12, 20, 2) and h["act_std"].shape == (5, 12, 20, 2)
+        np.testing.assert_array_equal(h["task"], tasks[i])
+        assert h["act_std"].min() >= 0 and np.abs(h["act_mean"]).max() <= 1
+        np.testing.assert_allclose(h["act_std"][:, 0], 1 / np.sqrt(3), rtol=1e-6)  # warm-up: U(-1, 1)
+        np.testing.assert_allclose(h["obs"][:, :, 0], 0)  # every episode starts from the origin
+        returns.append(h["rew"].sum(-1).mean(0))  # [episodes]
+    returns = np.mean(returns, axis=0)
+    assert returns[:2].mean() < -15  # random at first
+    assert returns[-2:].mean() > -8  # walks to its hidden goal at the end (optimum -4.5)
+
+
+def test_sac_resumes_and_skips_finished_tasks(tmp_path):
+    _run_sac(tmp_path, "--parallel", "2", "--steps", "200")
+    kept = (tmp_path / "task_000.npz").read_bytes()
+    os.remove(tmp_path / "task_002.npz")  # as if the run had been killed during the second chunk
+    _run_sac(tmp_path, "--parallel", "2", "--steps", "200")
+    assert (tmp_path / "task_000.npz").read_bytes() == kept
+    envs.load_history(tmp_path / "task_002.npz")
+    with pytest.raises(SystemExit, match="other settings"):
+        _run_sac(tmp_path, "--parallel", "2", "--steps", "400")
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "sac.py", *args], cwd=HERE, capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--env", "cartpole"], "invalid choice: 'cartpole'"),
+    (["--tasks", "0"], "must be a positive integer"),
+    (["--env", "point_goal", "--out", "test_all.py/sub"], "cannot write to"),
+])
+def test_cli_bad_input(args, message):
+    result = _cli(*args)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
