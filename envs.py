@@ -21,9 +21,11 @@ and ad.py).
 """
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 
 import gymnasium as gym
+import mujoco
 import numpy as np
 from gymnasium import spaces
 from gymnasium.envs.mujoco.ant_v5 import AntEnv
@@ -33,6 +35,16 @@ from gymnasium.envs.mujoco.reacher_v5 import ReacherEnv
 
 
 # ----------------------------------------------------------------------------- the tasks
+
+def _mujoco_warning(message):
+    # MuJoCo would append its warnings to MUJOCO_LOG.TXT in the working directory. The one it gives on
+    # every HalfCheetah load (a deprecated XML attribute of gymnasium's model) is harmless: drop it.
+    if "settotalmass" not in message:
+        warnings.warn(f"MuJoCo: {message}", RuntimeWarning)
+
+
+mujoco.set_mju_user_warning(_mujoco_warning)
+
 
 class MetaTask:
     """Mixin: a hidden task parameter and a fixed horizon (truncation only, no early termination)."""
@@ -70,7 +82,8 @@ class PointGoal(MetaTask, gym.Env):
 
 class MujocoMetaTask(MetaTask):
     """Shared MuJoCo plumbing: Box(-1, 1) actions rescaled to the actuators' range, float32 obs,
-    info["task"] at reset. Subclasses define `_get_obs` (without the task) and `_reward`."""
+    info["task"] at reset. Subclasses define `_reward` and, where the base env's observation shows
+    the task, `_get_obs` and `reset_model`."""
 
     def _finish_init(self, task, default):
         self._init_task(task, default)
@@ -80,12 +93,17 @@ class MujocoMetaTask(MetaTask):
         obs_dim = self._get_obs().shape[0]
         self.observation_space = spaces.Box(-np.inf, np.inf, (obs_dim,), np.float32)
 
+    def reset(self, *, seed=None, options=None):
+        self.t = 0
+        obs, info = super().reset(seed=seed, options=options)
+        return obs.astype(np.float32), info
+
     def step(self, action):
         ctrl = self._act_center + self._act_scale * np.clip(action, -1.0, 1.0)
         xy_before = self.data.body(self._main_body_name).xpos[:2].copy()
         self.do_simulation(ctrl, self.frame_skip)
         xy_velocity = (self.data.body(self._main_body_name).xpos[:2] - xy_before) / self.dt
-        return self._step_result(self._get_obs(), self._reward(ctrl, xy_velocity))
+        return self._step_result(self._get_obs().astype(np.float32), self._reward(ctrl, xy_velocity))
 
     def _get_reset_info(self):
         return {"task": self.task.copy()}
@@ -103,7 +121,6 @@ class ReacherGoal(MujocoMetaTask, ReacherEnv):
         self._finish_init(task, default=(0.1, 0.1))
 
     def reset_model(self):
-        self.t = 0
         qpos = self.init_qpos + self.np_random.uniform(-0.1, 0.1, self.model.nq)
         qpos[-2:] = self.task
         qvel = self.init_qvel + self.np_random.uniform(-0.005, 0.005, self.model.nv)
@@ -114,7 +131,7 @@ class ReacherGoal(MujocoMetaTask, ReacherEnv):
     def _get_obs(self):
         theta = self.data.qpos[:2]
         tip = self.get_body_com("fingertip")[:2]
-        return np.concatenate([np.cos(theta), np.sin(theta), self.data.qvel[:2], tip]).astype(np.float32)
+        return np.concatenate([np.cos(theta), np.sin(theta), self.data.qvel[:2], tip])
 
     def _reward(self, ctrl, xy_velocity):
         dist = np.linalg.norm(self.get_body_com("fingertip")[:2] - self.get_body_com("target")[:2])
@@ -134,8 +151,7 @@ class PusherGoal(MujocoMetaTask, PusherEnv):
         self._finish_init(task, default=(0.0, -0.2, 0.0, 0.0))
 
     def reset_model(self):
-        self.t = 0
-        qpos = self.init_qpos.copy()
+        qpos = self.init_qpos.copy()  # (Pusher-v5's own reset_model writes into init_qpos)
         obj_x, obj_y, goal_x, goal_y = self.task
         qpos[-4:] = obj_y, obj_x, goal_y, goal_x  # the XML declares each slide joint pair y before x
         qvel = self.init_qvel + self.np_random.uniform(-0.005, 0.005, self.model.nv)
@@ -144,8 +160,7 @@ class PusherGoal(MujocoMetaTask, PusherEnv):
         return self._get_obs()
 
     def _get_obs(self):
-        return np.concatenate([self.data.qpos[:7], self.data.qvel[:7],
-                               self.get_body_com("tips_arm")]).astype(np.float32)
+        return np.concatenate([self.data.qpos[:7], self.data.qvel[:7], self.get_body_com("tips_arm")])
 
     def _reward(self, ctrl, xy_velocity):
         obj, tip, goal = (self.get_body_com(b) for b in ("object", "tips_arm", "goal"))
@@ -162,13 +177,6 @@ class HalfCheetahVel(MujocoMetaTask, HalfCheetahEnv):
         HalfCheetahEnv.__init__(self, **kwargs)
         self._finish_init(task, default=(1.0,))
 
-    def reset_model(self):
-        self.t = 0
-        return HalfCheetahEnv.reset_model(self)
-
-    def _get_obs(self):
-        return HalfCheetahEnv._get_obs(self).astype(np.float32)
-
     def _reward(self, ctrl, xy_velocity):
         return -abs(xy_velocity[0] - self.task[0]) - 0.05 * np.square(ctrl).sum()
 
@@ -184,13 +192,6 @@ class AntDir(MujocoMetaTask, AntEnv):
         kwargs = {"include_cfrc_ext_in_observation": False, "terminate_when_unhealthy": False, **kwargs}
         AntEnv.__init__(self, **kwargs)
         self._finish_init(task, default=(1.0, 0.0))
-
-    def reset_model(self):
-        self.t = 0
-        return AntEnv.reset_model(self)
-
-    def _get_obs(self):
-        return AntEnv._get_obs(self).astype(np.float32)
 
     def _reward(self, ctrl, xy_velocity):
         return (xy_velocity @ self.task + self.healthy_reward
@@ -249,17 +250,20 @@ class EnvSettings:
 
 
 ENVS = {
-    # Not in the paper: the CPU demo. RL settings from a prototype (DESIGN.md): rewards are about -1
-    # per step, so an initial entropy weight of 1 swamps them; small nets and lr 1e-3 learn fast.
+    # Not in the paper: the CPU demo. Rewards are about -1 per step, so an initial entropy weight of 1
+    # swamps them; small nets, lr 1e-3 and 4 updates per vector step solve it within 2,000 steps.
     "point_goal": EnvSettings(
         "PointGoal-v0", PointGoal, _point_goal, algo="sac", train_tasks=100, steps_per_task=2000,
         k=4, weight_decay=1e-4, mamba=dict(d_model=64, n_layer=2),
         transformer=dict(d_model=64, n_layer=2, n_head=4, d_ff=256),
-        rl=dict(lr=1e-3, alpha_init=0.1, hidden=64)),
+        rl=dict(lr=1e-3, alpha_init=0.1, hidden=64, gradient_steps=4)),
     "reacher_goal": EnvSettings(
         "ReacherGoal-v0", ReacherGoal, _reacher_goal, algo="sac", train_tasks=70, steps_per_task=100_000,
         k=4, weight_decay=1e-4, mamba=dict(d_model=384, n_layer=6),
-        transformer=dict(d_model=384, n_layer=8, n_head=4, d_ff=2048)),
+        transformer=dict(d_model=384, n_layer=8, n_head=4, d_ff=2048),
+        # Appendix A's lr 1e-4 with an initial alpha of 1 (SB3's default) lets the entropy bonus swamp
+        # rewards of about -0.2 per step for the whole 20k-step budget (measured: -31 at 20k steps).
+        rl=dict(lr=3e-4, alpha_init=0.1)),
     "pusher_goal": EnvSettings(
         "PusherGoal-v0", PusherGoal, _pusher_goal, algo="ppo", train_tasks=35, steps_per_task=500_000,
         k=10, weight_decay=2e-4, mamba=dict(d_model=512, n_layer=8),
@@ -339,6 +343,21 @@ class MultiTaskVecEnv:
                 obs[i, j], rew[i, j], *_ = env.step(actions[i, j])
         self.t += 1
         return obs, rew, self.t >= self.horizon
+
+
+def baseline_return(name, tasks, policy, n_envs=4, seed=0):
+    """Mean episode return over `tasks` of a fixed policy: "zero" (no action) or "random" (uniform):
+    the reference lines that a learning curve must rise above."""
+    vec = MultiTaskVecEnv(name, tasks, n_envs, seed=seed)
+    rng = np.random.default_rng(seed)
+    vec.reset()
+    total, episode_over = 0.0, False
+    while not episode_over:
+        shape = (vec.n_tasks, vec.n_envs, vec.act_dim)
+        actions = np.zeros(shape) if policy == "zero" else rng.uniform(-1, 1, shape)
+        _, rew, episode_over = vec.step(actions)
+        total += rew.mean()
+    return float(total)
 
 
 # ----------------------------------------------------------------------------- learning histories
@@ -462,17 +481,20 @@ def plot_learning_curves(out_dir, png_path, max_tasks=6):
     paths = sorted(glob.glob(os.path.join(out_dir, "task_*.npz")))
     if not paths:
         raise HistoryError(f"{out_dir}: no task_*.npz history files to plot")
-    curves = []
-    for path in paths:
+    curves, tasks = [], []
+    for path in paths:  # one file at a time: a whole run's histories may not fit in memory
         h = load_history(path)
         curves.append(h["rew"].sum(-1).mean(0))  # [n_episodes]: return averaged over the E streams
-        steps_per_episode = h["steps"] / len(curves[-1])
+        tasks.append(h["task"])
     curves = np.stack(curves)
-    x = steps_per_episode * np.arange(1, curves.shape[1] + 1)
+    x = h["steps"] / curves.shape[1] * np.arange(1, curves.shape[1] + 1)
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, c in enumerate(curves[:max_tasks]):
         ax.plot(x, c, lw=0.8, alpha=0.6, label=f"task {i}")
     ax.plot(x, curves.mean(0), "k", lw=2, label=f"mean of {len(curves)} tasks")
+    for policy, style in (("zero", ":"), ("random", "--")):
+        ax.axhline(baseline_return(h["env"], np.stack(tasks), policy), color="gray", ls=style,
+                   label=f"{policy} action")
     ax.set(xlabel="env steps per task", ylabel="episode return",
            title=f"{h['algo'].upper()} learning histories: {h['env']}")
     ax.legend(fontsize=7)

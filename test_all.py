@@ -78,6 +78,20 @@ def test_point_goal_dynamics_and_optimal_return():
     obs, rew = _rollout("point_goal", goal, [goal] * 10 + [0 * goal] * 10)  # walk to the goal, stay
     np.testing.assert_allclose(obs[10], goal, atol=1e-6)
     np.testing.assert_allclose(rew.sum(), -4.5, atol=1e-4)
+    tasks = envs.sample_tasks("point_goal", 4)
+    assert envs.baseline_return("point_goal", tasks, "zero") == pytest.approx(-20, abs=1e-4)
+    assert envs.baseline_return("point_goal", tasks, "random") < -20  # wanders off, on average
+
+
+def test_mujoco_tasks_place_their_targets():
+    reacher = envs.make_env("reacher_goal", [0.12, -0.05], seed=0)
+    np.testing.assert_allclose(reacher.get_body_com("target")[:2], [0.12, -0.05], atol=1e-6)
+    pusher = envs.make_env("pusher_goal", [0.1, -0.25, -0.15, 0.05], seed=0)  # offsets from the XML
+    np.testing.assert_allclose(pusher.get_body_com("object")[:2], [0.45 + 0.1, -0.05 - 0.25], atol=1e-6)
+    np.testing.assert_allclose(pusher.get_body_com("goal")[:2], [0.45 - 0.15, -0.05 + 0.05], atol=1e-6)
+    cheetah = envs.make_env("half_cheetah_vel", [2.0], seed=0)
+    _, reward, *_ = cheetah.step(np.zeros(6))
+    assert -2.5 < reward < -1.5  # standing still costs about the target velocity
 
 
 @pytest.mark.parametrize("name", list(envs.ENVS))
@@ -243,8 +257,7 @@ def test_tasks_trained_together_stay_independent():
 
 
 def _run_sac(out, *extra):
-    sac.main(["--env", "point_goal", "--tasks", "3", "--steps", "1200", "--out", str(out),
-              "--gradient-steps", "4", *extra])
+    sac.main(["--env", "point_goal", "--tasks", "3", "--steps", "1200", "--out", str(out), *extra])
 
 
 def test_sac_learns_point_goal_and_writes_histories(tmp_path):
