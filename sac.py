@@ -11,7 +11,9 @@ Episodes only end by truncation at the fixed horizon, so the target always boots
 Many tasks at once: every weight carries a leading task axis and is applied with one batched matmul;
 the loss is the sum of the per-task losses, so each task gets exactly its own gradient, and Adam is
 element-wise, so one Adam over the stacked weights is exactly independent Adams (no global gradient
-clipping: it would couple the tasks). One process thus trains 70 tasks about as fast as a few.
+clipping: it would couple the tasks). On a CPU this saves kernel calls and lets small nets use every
+core (measured per task: 1.6x for 256-unit nets, 4x for 64-unit nets; see the README); on a GPU it is
+what fills the device.
 
 The learning history *is* the replay buffer: every transition is kept in order, [task, env, step],
 sampled uniformly for updates and written out at the end as one .npz file per task (envs.save_history).
@@ -84,9 +86,11 @@ class Actor(nn.Module):
     def sample(self, obs):
         """a ~ pi(.|s) with its log-density, by the reparameterisation trick."""
         mu, log_std = self(obs)
-        u = mu + log_std.exp() * torch.randn_like(mu)
-        # log N(u; mu, std) minus log|d tanh(u)/du| = log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u))
-        log_prob = (-0.5 * ((u - mu) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)
+        eps = torch.randn_like(mu)
+        u = mu + log_std.exp() * eps
+        # log N(u; mu, std) minus log|d tanh(u)/du| = log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u)),
+        # the stable form of the change of variables
+        log_prob = (-0.5 * eps.square() - log_std - 0.5 * math.log(2 * math.pi)
                     - 2 * (math.log(2) - u - F.softplus(-2 * u))).sum(-1)
         return torch.tanh(u), log_prob
 
@@ -131,7 +135,7 @@ class SAC:
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=lr)
         self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=lr)
 
-    def make_critic(self, n_tasks, obs_dim, act_dim, hidden):
+    def make_critic(self, n_tasks, obs_dim, act_dim, hidden):  # the one piece DroQ replaces
         return TwinQ(n_tasks, obs_dim, act_dim, hidden)
 
     @torch.no_grad()
@@ -302,6 +306,10 @@ def parse_args(parser, argv=None):
     args = parser.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.empty(0, device=args.device)
+    except (RuntimeError, AssertionError) as e:  # a malformed name, or CUDA asked for but absent
+        parser.error(f"--device {args.device}: {str(e).splitlines()[0]}")
     return args
 
 

@@ -157,6 +157,7 @@ def test_history_round_trip(tmp_path):
         np.testing.assert_allclose(loaded[k], h[k], rtol=1e-6)
     assert (loaded["env"], loaded["algo"], loaded["seed"], loaded["steps"]) == ("point_goal", "sac", 3, 24)
     assert os.listdir(tmp_path) == ["task_000.npz"]  # no temp file left behind
+    assert os.stat(path).st_mode & 0o777 == 0o644
 
 
 def test_history_rejects_bad_files(tmp_path):
@@ -299,6 +300,8 @@ def _cli(*args):
     (["--env", "cartpole"], "invalid choice: 'cartpole'"),
     (["--tasks", "0"], "must be a positive integer"),
     (["--env", "point_goal", "--out", "test_all.py/sub"], "cannot write to"),
+    (["--env", "point_goal", "--steps", "50"], "less than one episode"),
+    (["--device", "gpu"], "--device gpu"),
 ])
 def test_cli_bad_input(args, message):
     result = _cli(*args)
