@@ -349,6 +349,8 @@ class MultiTaskVecEnv:
 def baseline_return(name, tasks, policy, n_envs=4, seed=0):
     """Mean episode return over `tasks` of a fixed policy: "zero" (no action) or "random" (uniform):
     the reference lines that a learning curve must rise above."""
+    if policy not in ("zero", "random"):
+        raise ValueError(f"unknown baseline policy {policy!r}; choose zero or random")
     vec = MultiTaskVecEnv(name, tasks, n_envs, seed=seed)
     rng = np.random.default_rng(seed)
     vec.reset()
