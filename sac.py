@@ -85,7 +85,9 @@ class Actor(nn.Module):
 
     def sample(self, obs):
         """a ~ pi(.|s) with its log-density, by the reparameterisation trick."""
-        mu, log_std = self(obs)
+        return self.sample_from(*self(obs))
+
+    def sample_from(self, mu, log_std):
         eps = torch.randn_like(mu)
         u = mu + log_std.exp() * eps
         # log N(u; mu, std) minus log|d tanh(u)/du| = log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u)),
@@ -94,10 +96,9 @@ class Actor(nn.Module):
                     - 2 * (math.log(2) - u - F.softplus(-2 * u))).sum(-1)
         return torch.tanh(u), log_prob
 
-    def squashed_moments(self, obs):
+    def squashed_moments(self, mu, log_std):
         """Mean and std of the action tanh(u), u ~ N(mu, std): the policy's own distribution in
         [-1, 1] action space, stored in the histories as a low-noise distillation target."""
-        mu, log_std = self(obs)
         a = torch.tanh(mu[..., None] + log_std.exp()[..., None] * self.normal_nodes)
         mean = a.mean(-1)
         var = a.square().mean(-1) - mean.square()
@@ -141,9 +142,9 @@ class SAC:
     @torch.no_grad()
     def act(self, obs):
         """obs [T, E, obs_dim] -> sampled action, and the policy's mean and std in action space."""
-        action, _ = self.actor.sample(obs)
-        mean, std = self.actor.squashed_moments(obs)
-        return action, mean, std
+        mu, log_std = self.actor(obs)  # one forward pass for the action and the stored moments
+        action, _ = self.actor.sample_from(mu, log_std)
+        return (action, *self.actor.squashed_moments(mu, log_std))
 
     def update_critic(self, obs, act, rew, next_obs):
         with torch.no_grad():
@@ -215,8 +216,8 @@ class HistoryBuffer:
         env = torch.randint(0, E, (T, batch_size), device=device)
         task = torch.arange(T, device=device)[:, None]
         ends = ((t + 1) % self.horizon == 0)[..., None]
-        next_obs = torch.where(ends, self.final_obs[task, env, t // self.horizon],
-                               self.obs[task, env, (t + 1).clamp(max=self.obs.shape[2] - 1)])
+        following = (t + 1).clamp(max=self.obs.shape[2] - 1)  # only ever read where not `ends`
+        next_obs = torch.where(ends, self.final_obs[task, env, t // self.horizon], self.obs[task, env, following])
         return self.obs[task, env, t], self.act[task, env, t], self.rew[task, env, t], next_obs
 
     def task_arrays(self, i):
@@ -353,8 +354,9 @@ CPU_ACTIVATION_BUDGET = 12 * 2 ** 20  # bytes
 
 def default_parallel(args, n_tasks):
     """All tasks at once on a GPU. On a CPU, batching more tasks stops paying once one layer's
-    activations (2 critics x tasks x batch x hidden floats) outgrow the caches. Measured on 2 cores:
-    256-unit nets peak near 20 tasks (912 env steps/s; 653 with 70 at once), 64-unit nets at 100."""
+    activations (2 critics x tasks x batch x hidden floats) outgrow the caches. Measured on 2 cores
+    (bench.py rl): 256-unit nets did best at 20 of 1-70 tasks (912 env steps/s; 653 with 70 at once),
+    64-unit nets at 100 of 1, 10, 100."""
     if args.device.startswith("cuda"):
         return n_tasks
     per_task = 2 * args.batch_size * args.hidden * 4
