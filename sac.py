@@ -24,6 +24,7 @@ Defaults follow Appendix A (an SB3-style SAC: 5 envs per task, one gradient step
 lr 1e-4, batch 256, 400 warm-up steps, buffer 1e6, gamma 0.99) with the per-env overrides of envs.ENVS.
 """
 import argparse
+import functools
 import math
 import os
 import sys
@@ -52,11 +53,11 @@ class TaskLinear(nn.Module):
         return torch.baddbmm(self.bias, x, self.weight)
 
 
-def task_mlp(n, d_in, hidden, d_out, n_hidden=2):
+def task_mlp(n, d_in, hidden, d_out, n_hidden=2, activation=functools.partial(nn.ReLU, inplace=True)):
     sizes = [d_in] + [hidden] * n_hidden
     layers = []
     for a, b in zip(sizes[:-1], sizes[1:]):
-        layers += [TaskLinear(n, a, b), nn.ReLU(inplace=True)]
+        layers += [TaskLinear(n, a, b), activation()]
     return nn.Sequential(*layers, TaskLinear(n, sizes[-1], d_out))
 
 
@@ -99,18 +100,25 @@ class Actor(nn.Module):
     def squashed_moments(self, mu, log_std):
         """Mean and std of the action tanh(u), u ~ N(mu, std): the policy's own distribution in
         [-1, 1] action space, stored in the histories as a low-noise distillation target."""
-        a = torch.tanh(mu[..., None] + log_std.exp()[..., None] * self.normal_nodes)
-        mean = a.mean(-1)
-        var = a.square().mean(-1) - mean.square()
-        return mean, var.clamp_min(0).sqrt()
+        return action_moments(mu, log_std.exp(), torch.tanh, self.normal_nodes)
+
+
+def action_moments(mu, std, squash, nodes):
+    """Mean and std of squash(u), u ~ N(mu, std) elementwise, by quadrature on `nodes`
+    (normal_quantile_nodes): SAC squashes with tanh, PPO clips to [-1, 1]."""
+    a = squash(mu[..., None] + std[..., None] * nodes)
+    mean = a.mean(-1)
+    var = a.square().mean(-1) - mean.square()
+    return mean, var.clamp_min(0).sqrt()
 
 
 class TwinQ(nn.Module):
-    """Two Q-networks per task, evaluated as one batch of 2 * n_tasks networks."""
+    """Two Q-networks per task, evaluated as one batch of 2 * n_tasks networks. `mlp` builds them
+    (n_networks, d_in, hidden, d_out) -> module: DroQ passes one with dropout and layer norm."""
 
-    def __init__(self, n_tasks, obs_dim, act_dim, hidden):
+    def __init__(self, n_tasks, obs_dim, act_dim, hidden, mlp=task_mlp):
         super().__init__()
-        self.net = task_mlp(2 * n_tasks, obs_dim + act_dim, hidden, 1)
+        self.net = mlp(2 * n_tasks, obs_dim + act_dim, hidden, 1)
 
     def forward(self, obs, act):
         """obs [T, B, obs_dim], act [T, B, act_dim] -> Q [T, 2, B]."""
@@ -215,10 +223,13 @@ class HistoryBuffer:
         t = torch.randint(max(0, self.n - capacity // E), self.n, (T, batch_size), device=device)
         env = torch.randint(0, E, (T, batch_size), device=device)
         task = torch.arange(T, device=device)[:, None]
+        return self.obs[task, env, t], self.act[task, env, t], self.rew[task, env, t], self.next_obs(task, env, t)
+
+    def next_obs(self, task, env, t):
+        """The observation that followed step t of (task, env); the index tensors broadcast."""
         ends = ((t + 1) % self.horizon == 0)[..., None]
         following = (t + 1).clamp(max=self.obs.shape[2] - 1)  # only ever read where not `ends`
-        next_obs = torch.where(ends, self.final_obs[task, env, t // self.horizon], self.obs[task, env, following])
-        return self.obs[task, env, t], self.act[task, env, t], self.rew[task, env, t], next_obs
+        return torch.where(ends, self.final_obs[task, env, t // self.horizon], self.obs[task, env, following])
 
     def task_arrays(self, i):
         """Task i's history as save_history takes it: numpy arrays [env, episode, step, ...]."""
@@ -263,8 +274,8 @@ def collect_and_learn(agent, vec, n_steps, args, desc):
     return buf
 
 
-def build_parser(algo, description):
-    """The command line shared by the off-policy scripts (sac.py, droq.py): paper defaults."""
+def base_parser(algo, description):
+    """The command line of every RL script (sac.py, droq.py, ppo.py); each adds its own options."""
     p = argparse.ArgumentParser(description=description,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--env", default="reacher_goal", choices=list(envs.ENVS))
@@ -280,11 +291,17 @@ def build_parser(algo, description):
                         "running several jobs at once)")
     p.add_argument("--out", default=None, help=f"output directory (default: data/ENV/{algo})")
     p.add_argument("--n-envs", type=positive_int, default=5, help="parallel envs per task")
+    p.add_argument("--gamma", type=float, default=0.99)
+    return p
+
+
+def build_parser(algo, description):
+    """The off-policy scripts' command line (sac.py, droq.py): Appendix A's defaults."""
+    p = base_parser(algo, description)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--batch-size", type=positive_int, default=256)
     p.add_argument("--warmup", type=int, default=400, help="random-action steps per task before learning")
     p.add_argument("--buffer-size", type=positive_int, default=1_000_000)
-    p.add_argument("--gamma", type=float, default=0.99)
     p.add_argument("--tau", type=float, default=0.005, help="Polyak averaging rate of the target critics")
     p.add_argument("--alpha-init", type=float, default=1.0, help="initial entropy weight")
     p.add_argument("--hidden", type=positive_int, default=256, help="units in each of the 2 hidden layers")
@@ -299,11 +316,13 @@ def positive_int(text):
     return value
 
 
-def parse_args(parser, argv=None):
-    """Parse twice: first --env, whose ENVS row then sets the defaults of everything else."""
+def parse_args(parser, argv=None, algo="sac"):
+    """Parse twice: first --env, whose ENVS row (and its overrides for `algo`) then sets the defaults
+    of everything else."""
     name = parser.parse_known_args(argv)[0].env
     settings = envs.ENVS[name]
-    parser.set_defaults(tasks=settings.train_tasks, steps=settings.steps_per_task, **settings.rl)
+    parser.set_defaults(**{"tasks": settings.train_tasks, "steps": settings.steps_per_task,
+                           **settings.rl.get(algo, {})})
     args = parser.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -314,9 +333,10 @@ def parse_args(parser, argv=None):
     return args
 
 
-def run(args, algo, make_agent):
-    """Train every pending task of the run, --parallel at a time, and write one history file per task.
-    Finished tasks are skipped, so a killed run resumes where it stopped."""
+def run(args, algo, make_agent, learn=collect_and_learn):
+    """Train every pending task of the run, --parallel at a time, with `learn` (collect_and_learn here,
+    ppo.collect_and_learn for PPO), and write one history file per task. Finished tasks are skipped,
+    so a killed run resumes where it stopped."""
     out = args.out or os.path.join("data", args.env, algo)
     horizon = envs.ENVS[args.env].horizon
     n_episodes = args.steps // (args.n_envs * horizon)
@@ -339,7 +359,7 @@ def run(args, algo, make_agent):
         agent = make_agent(args, len(chunk), vec.obs_dim, vec.act_dim)
         desc = f"tasks {chunk[0]}-{chunk[-1]}" if len(chunk) > 1 else f"task {chunk[0]}"
         t0 = time.perf_counter()
-        buf = collect_and_learn(agent, vec, n_episodes * horizon, args, desc)
+        buf = learn(agent, vec, n_episodes * horizon, args, desc)
         seconds = time.perf_counter() - t0
         for i, task_index in enumerate(chunk):
             envs.save_history(envs.history_path(out, task_index), **buf.task_arrays(i), task=tasks[task_index],
@@ -354,7 +374,7 @@ CPU_ACTIVATION_BUDGET = 12 * 2 ** 20  # bytes
 
 def default_parallel(args, n_tasks):
     """All tasks at once on a GPU. On a CPU, batching more tasks stops paying once one layer's
-    activations (2 critics x tasks x batch x hidden floats) outgrow the caches. Measured on 2 cores
+    activations (2 networks x tasks x batch x hidden floats) outgrow the caches. Measured on 2 cores
     (bench.py rl): 256-unit nets did best at 20 of 1-70 tasks (912 env steps/s; 653 with 70 at once),
     64-unit nets at 100 of 1, 10, 100."""
     if args.device.startswith("cuda"):
@@ -368,10 +388,11 @@ def make_sac(args, n_tasks, obs_dim, act_dim):
                alpha_init=args.alpha_init, device=args.device)
 
 
-def main(argv=None, algo="sac", make_agent=make_sac, description=__doc__.split("\n")[0]):
-    args = parse_args(build_parser(algo, description), argv)
+def main(argv=None, algo="sac", parser=None, make_agent=make_sac, learn=collect_and_learn):
+    """The entry point of every RL script: droq.py and ppo.py call it with their own pieces."""
+    args = parse_args(parser or build_parser(algo, __doc__.split("\n")[0]), argv, algo)
     try:
-        run(args, algo, make_agent)
+        run(args, algo, make_agent, learn)
     except (OSError, ValueError) as e:  # bad --out, mismatched old files, too few steps: one line
         sys.exit(f"error: {e}")
 

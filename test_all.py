@@ -10,7 +10,9 @@ import pytest
 import torch
 from gymnasium.utils.env_checker import check_env
 
+import droq
 import envs
+import ppo
 import sac
 
 torch.set_num_threads(1)
@@ -211,7 +213,9 @@ def test_log_prob_is_the_squashed_gaussian_density():
 def test_history_buffer_next_obs():
     T, E, H, S = 2, 3, 4, 12
     buf = sac.HistoryBuffer(T, E, S, H, obs_dim=1, act_dim=1, device="cpu")
-    value = lambda t: torch.full((T, E, 1), float(t))  # obs at step t (an episode's final obs: t + 0.5)
+
+    def value(t):  # obs at step t (an episode's final obs: t + 0.5)
+        return torch.full((T, E, 1), float(t))
     for t in range(S):
         next_obs = value(t + 0.5) if (t + 1) % H == 0 else value(t + 1)
         buf.add(value(t), value(t), torch.full((T, E), float(t)), next_obs, value(t), value(t))
@@ -229,11 +233,14 @@ def _grads(agent):
     return [p.grad.clone() for p in list(agent.critic.parameters()) + list(agent.actor.parameters())]
 
 
-def test_tasks_trained_together_stay_independent():
-    """Changing task 1's data changes neither the gradients nor the parameters of tasks 0 and 2."""
+@pytest.mark.parametrize("make_agent", [sac.SAC, lambda *a, **k: droq.DroQ(*a, dropout=0.1, **k)],
+                         ids=["sac", "droq"])
+def test_tasks_trained_together_stay_independent(make_agent):
+    """Changing task 1's data changes neither the gradients nor the parameters of tasks 0 and 2
+    (DroQ: nor through its dropout masks or layer norms)."""
     def one_update(batch):
         torch.manual_seed(0)
-        agent = sac.SAC(3, obs_dim=4, act_dim=2, hidden=16, lr=1e-2)
+        agent = make_agent(3, obs_dim=4, act_dim=2, hidden=16, lr=1e-2)
         torch.manual_seed(1)
         agent.update_critic(*batch)
         critic_grads = [p.grad.clone() for p in agent.critic.parameters()]
@@ -250,19 +257,21 @@ def test_tasks_trained_together_stay_independent():
     changed[2][1] *= -3.0
     grads_a, params_a = one_update(batch)
     grads_b, params_b = one_update(changed)
-    critic_task_axis = lambda x: x.view(3, 2, *x.shape[1:]) if x.shape[0] == 6 else x  # [2T,...] twins
+
+    def critic_task_axis(x):  # [2T, ...] twin critics -> [T, 2, ...]
+        return x.view(3, 2, *x.shape[1:]) if x.shape[0] == 6 else x
     for a, b in zip(grads_a + params_a, grads_b + params_b):
         a, b = critic_task_axis(a), critic_task_axis(b)
         torch.testing.assert_close(a[[0, 2]], b[[0, 2]], rtol=0, atol=0)
     assert all(not torch.equal(critic_task_axis(a)[1], critic_task_axis(b)[1]) for a, b in zip(grads_a, grads_b))
 
 
-def _run_sac(out, *extra):
-    sac.main(["--env", "point_goal", "--tasks", "3", "--steps", "1200", "--out", str(out), *extra])
+def _run(out, *extra, script=sac):
+    script.main(["--env", "point_goal", "--tasks", "3", "--steps", "1200", "--out", str(out), *extra])
 
 
 def test_sac_learns_point_goal_and_writes_histories(tmp_path):
-    _run_sac(tmp_path)
+    _run(tmp_path)
     files = sorted(os.listdir(tmp_path))
     assert files == ["learning_curves.png", "task_000.npz", "task_001.npz", "task_002.npz"]
     tasks = envs.sample_tasks("point_goal", 3)
@@ -280,31 +289,125 @@ def test_sac_learns_point_goal_and_writes_histories(tmp_path):
     assert returns[-2:].mean() > -8  # walks to its hidden goal at the end (optimum -4.5)
 
 
-def test_sac_resumes_and_skips_finished_tasks(tmp_path):
-    _run_sac(tmp_path, "--parallel", "2", "--steps", "200")
+@pytest.mark.parametrize("script", [sac, droq, ppo], ids=["sac", "droq", "ppo"])
+def test_resumes_and_skips_finished_tasks(tmp_path, script):
+    def run(steps):
+        _run(tmp_path, "--parallel", "2", "--steps", steps, script=script)
+    run("200")
     kept = (tmp_path / "task_000.npz").read_bytes()
     os.remove(tmp_path / "task_002.npz")  # as if the run had been killed during the second chunk
-    _run_sac(tmp_path, "--parallel", "2", "--steps", "200")
+    run("200")
     assert (tmp_path / "task_000.npz").read_bytes() == kept
-    envs.load_history(tmp_path / "task_002.npz")
+    assert envs.load_history(tmp_path / "task_002.npz")["algo"] == script.__name__
     with pytest.raises(SystemExit, match="other settings"):
-        _run_sac(tmp_path, "--parallel", "2", "--steps", "400")
+        run("400")
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "sac.py", *args], cwd=HERE, capture_output=True, text=True,
+def _cli(script, *args):
+    return subprocess.run([sys.executable, script, *args], cwd=HERE, capture_output=True, text=True,
                           timeout=120)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--env", "cartpole"], "invalid choice: 'cartpole'"),
-    (["--tasks", "0"], "must be a positive integer"),
-    (["--env", "point_goal", "--out", "test_all.py/sub"], "cannot write to"),
-    (["--env", "point_goal", "--steps", "50"], "less than one episode"),
-    (["--device", "gpu"], "--device gpu"),
+@pytest.mark.parametrize("script, args, message", [
+    ("sac.py", ["--env", "cartpole"], "invalid choice: 'cartpole'"),
+    ("sac.py", ["--tasks", "0"], "must be a positive integer"),
+    ("sac.py", ["--env", "point_goal", "--out", "test_all.py/sub"], "cannot write to"),
+    ("sac.py", ["--env", "point_goal", "--steps", "50"], "less than one episode"),
+    ("sac.py", ["--device", "gpu"], "--device gpu"),
+    ("droq.py", ["--env", "point_goal", "--dropout", "1.5"], "--dropout: must be in [0, 1)"),
+    ("droq.py", ["--env", "point_goal", "--out", "test_all.py/sub"], "cannot write to"),
+    ("ppo.py", ["--env", "point_goal", "--rollout-steps", "0"], "must be a positive integer"),
+    ("ppo.py", ["--env", "point_goal", "--steps", "50"], "less than one episode"),
+    ("ppo.py", ["--env", "ant"], "invalid choice: 'ant'"),
 ])
-def test_cli_bad_input(args, message):
-    result = _cli(*args)
+def test_cli_bad_input(script, args, message):
+    result = _cli(script, *args)
     assert result.returncode != 0
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()[-1]) < 300  # one line, not a dump
+
+
+# ----------------------------------------------------------------------------- PPO
+
+def test_gae_by_hand():
+    rew = torch.tensor([[1.0, 2.0, 3.0]])
+    value = torch.tensor([[0.5, 1.0, 1.5]])
+    next_value = torch.tensor([[1.0, 1.5, 2.0]])  # bootstraps even at an episode's end (truncation)
+    episode_end = torch.tensor([False, True, False])
+    adv = ppo.gae(rew, value, next_value, episode_end, gamma=0.5, lam=0.5)
+    # deltas r + 0.5 V' - V = 1, 1.75, 2.5; the sum restarts after step 1: 1 + 0.25 * 1.75, 1.75, 2.5
+    torch.testing.assert_close(adv, torch.tensor([[1.4375, 1.75, 2.5]]))
+
+
+def test_clipped_surrogate_by_hand():
+    ratio = torch.tensor([1.5, 0.5, 1.1, 0.7])
+    adv = torch.tensor([1.0, 1.0, -1.0, -1.0])
+    log_prob = ratio.log().requires_grad_()
+    loss = ppo.clipped_surrogate(log_prob, torch.zeros(4), adv, clip=0.2)
+    # min(rho A, clip(rho) A) = min(1.5, 1.2), min(0.5, 0.8), min(-1.1, -1.1), min(-0.7, -0.8)
+    torch.testing.assert_close(loss, torch.tensor(-(1.2 + 0.5 - 1.1 - 0.8) / 4))
+    loss.backward()  # no gradient where the clipped term is the minimum (steps 0 and 3)
+    torch.testing.assert_close(log_prob.grad, torch.tensor([0.0, -0.5 / 4, 1.1 / 4, 0.0]))
+
+
+def test_running_norm_matches_batch_statistics():
+    x = torch.randn(2, 300, 3) * torch.tensor([1.0, 10.0, 0.1]) + 5
+    norm = ppo.RunningNorm(2, 3)
+    for chunk in x.split(100, dim=1):
+        norm.update(chunk)
+    torch.testing.assert_close(norm.mean, x.mean(1, keepdim=True), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(norm.var, x.var(1, unbiased=False, keepdim=True), rtol=1e-3, atol=1e-4)
+
+
+def test_ppo_tasks_stay_independent_and_clip_per_task():
+    """A PPO update where task 1's rewards are huge (its gradient gets clipped) leaves tasks 0 and 2
+    exactly as with ordinary rewards."""
+    def one_update(scale):
+        torch.manual_seed(0)
+        agent = ppo.PPO(3, obs_dim=2, act_dim=2, hidden=8, epochs=2, batch_size=8, lr=1e-2)
+        g = torch.Generator().manual_seed(1)
+        obs, act = torch.randn(3, 2, 10, 2, generator=g), torch.randn(3, 2, 10, 2, generator=g)
+        rew = torch.randn(3, 2, 10, generator=g) * torch.tensor([1.0, scale, 1.0])[:, None, None]
+        agent.update(obs, act, rew, torch.randn(3, 2, 10, 2, generator=g), torch.arange(10) % 5 == 4)
+        return [p.detach().clone() for p in agent.parameters()]
+    for a, b in zip(one_update(1.0), one_update(1e4)):
+        torch.testing.assert_close(a[[0, 2]], b[[0, 2]], rtol=0, atol=0)
+
+
+def test_ppo_learns_point_goal_and_writes_histories(tmp_path):
+    ppo.main(["--env", "point_goal", "--tasks", "2", "--steps", "8000", "--rollout-steps", "100",
+              "--out", str(tmp_path)])
+    returns = []
+    for i in range(2):
+        h = envs.load_history(tmp_path / f"task_{i:03d}.npz")
+        assert h["algo"] == "ppo" and h["obs"].shape == (5, 80, 20, 2) and h["act_mean"].shape == (5, 80, 20, 2)
+        assert np.abs(h["act_mean"]).max() <= 1 and h["act_std"].min() >= 0
+        # the first policy is N(~0, 1), clipped to [-1, 1]: std sqrt(E[clip(u)^2]) = 0.718
+        np.testing.assert_allclose(h["act_std"][:, 0, 0], 0.718, atol=0.01)
+        returns.append(h["rew"].sum(-1).mean(0))
+    returns = np.mean(returns, axis=0)
+    assert returns[:8].mean() < -15 and returns[-8:].mean() > -10
+
+
+# ----------------------------------------------------------------------------- DroQ
+
+def test_droq_q_network_has_dropout_and_layer_norm():
+    agent = droq.DroQ(2, obs_dim=3, act_dim=2, hidden=16, dropout=0.2)
+    kinds = [type(m).__name__ for m in agent.critic.net]
+    assert kinds == ["TaskLinear", "Dropout", "TaskLayerNorm", "ReLU"] * 2 + ["TaskLinear"]
+    assert agent.critic.net[1].p == 0.2 and agent.critic_target.net[1].p == 0.2
+    x = torch.randn(4, 5, 16) * 3 + 1  # 2 tasks x twin critics = 4 networks
+    torch.testing.assert_close(agent.critic.net[2](x), torch.nn.functional.layer_norm(x, (16,)))
+
+
+def test_droq_takes_the_configured_gradient_steps():
+    args = droq.build_parser().parse_args(
+        ["--env", "point_goal", "--warmup", "0", "--batch-size", "8", "--hidden", "8", "--device", "cpu"])
+    vec = envs.MultiTaskVecEnv("point_goal", envs.sample_tasks("point_goal", 2), n_envs=2)
+    agent = droq.make_droq(args, 2, vec.obs_dim, vec.act_dim)
+    sac.collect_and_learn(agent, vec, 20, args, desc="test")
+
+    def steps(opt):  # Adam counts its steps per parameter
+        return int(opt.state[opt.param_groups[0]["params"][0]]["step"])
+    assert steps(agent.critic_opt) == 3 * 20 and steps(agent.actor_opt) == 20  # 3 critic, 1 actor per step

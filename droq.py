@@ -1,0 +1,94 @@
+"""DroQ (Hiraoka et al. 2022): SAC with dropout Q-functions and several critic updates per env step.
+
+It generates the learning histories that Algorithm Distillation imitates on Ant-Dir (paper Section 5.2,
+Appendix A). DroQ is sample-efficient because it takes many gradient steps per env step (a high
+update-to-data ratio); what keeps that from over-fitting the Q-functions is regularisation: every hidden
+layer of each Q-network is Linear -> Dropout -> LayerNorm -> ReLU (a cheap stand-in for REDQ's large
+ensemble). Everything else is sac.py; this file is only what changes:
+  - the critics (`dropout_mlp`, with a per-task LayerNorm so that tasks trained together stay
+    independent: nn.LayerNorm's affine weights would be shared by every task),
+  - the update: --gradient-steps critic updates per vector step, the actor and entropy weight
+    every --policy-delay-th of them.
+Appendix A reads like SB3-contrib/sbx settings: 5 envs per task, 3 gradient steps per vector step and a
+policy update every 3, i.e. 0.6 critic and 0.2 actor updates per transition; lr 1e-4, batch 256,
+400 warm-up steps, buffer 1e6. Dropout 0.01 is the DroQ paper's.
+
+    python droq.py --env ant_dir --tasks 30           # -> data/ant_dir/droq/task_*.npz
+"""
+import argparse
+import functools
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import sac
+
+
+class TaskLayerNorm(nn.Module):
+    """LayerNorm over the features, with a separate affine transform per network: x [n, B, d]."""
+
+    def __init__(self, n, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n, 1, d))
+        self.bias = nn.Parameter(torch.zeros(n, 1, d))
+
+    def forward(self, x):
+        return torch.addcmul(self.bias, F.layer_norm(x, x.shape[-1:]), self.weight)
+
+
+def dropout_mlp(n, d_in, hidden, d_out, dropout, n_hidden=2):
+    """n task-batched Q-networks whose hidden layers are Linear -> Dropout -> LayerNorm -> ReLU."""
+    sizes = [d_in] + [hidden] * n_hidden
+    layers = []
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        layers += [sac.TaskLinear(n, a, b), nn.Dropout(dropout), TaskLayerNorm(n, b), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers, sac.TaskLinear(n, sizes[-1], d_out))
+
+
+class DroQ(sac.SAC):
+    # The networks stay in training mode throughout: dropout is active in the target critics too,
+    # as in the DroQ paper's code.
+    def __init__(self, *args, dropout=0.01, policy_delay=3, **kwargs):
+        self.dropout, self.policy_delay, self.n_updates = dropout, policy_delay, 0
+        super().__init__(*args, **kwargs)
+
+    def make_critic(self, n_tasks, obs_dim, act_dim, hidden):
+        return sac.TwinQ(n_tasks, obs_dim, act_dim, hidden, mlp=functools.partial(dropout_mlp, dropout=self.dropout))
+
+    def update(self, obs, act, rew, next_obs):
+        """One critic step on every task; the actor and entropy weight every policy_delay-th call."""
+        self.update_critic(obs, act, rew, next_obs)
+        self.n_updates += 1
+        if self.n_updates % self.policy_delay == 0:
+            self.update_actor_and_alpha(obs)
+
+
+def build_parser():
+    p = sac.build_parser("droq", __doc__.split("\n")[0])
+    p.set_defaults(gradient_steps=3)  # Appendix A
+    p.add_argument("--policy-delay", type=sac.positive_int, default=3,
+                   help="update the actor and entropy weight once every this many critic updates")
+    p.add_argument("--dropout", type=dropout_rate, default=0.01, help="dropout rate in the Q-networks")
+    return p
+
+
+def dropout_rate(text):
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def make_droq(args, n_tasks, obs_dim, act_dim):
+    return DroQ(n_tasks, obs_dim, act_dim, hidden=args.hidden, lr=args.lr, gamma=args.gamma, tau=args.tau,
+                alpha_init=args.alpha_init, dropout=args.dropout, policy_delay=args.policy_delay,
+                device=args.device)
+
+
+def main(argv=None):
+    sac.main(argv, "droq", build_parser(), make_droq)
+
+
+if __name__ == "__main__":
+    main()
