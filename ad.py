@@ -1,0 +1,467 @@
+"""Algorithm Distillation (Laskin et al. 2023) for continuous control, with Mamba (paper Sections 3, 5.2, 5.3,
+eq. 6 and Appendix B).
+
+A source RL algorithm (sac.py, ppo.py, droq.py) left one learning history per training task: every episode
+from its first random actions to its last good ones. AD trains a sequence model to predict the next action
+from a long *cross-episodic* context of that history. To do so it must model how the source algorithm
+improves its policy from what it saw, so on a new task it improves in context, with no gradient step.
+
+Tokens: one per time step, x_t = [obs_t, act_{t-1}, rew_{t-1}, first_t] (obs and reward standardised with
+dataset statistics, first_t = 1 on an episode's first step; across an episode boundary act_{t-1}, rew_{t-1}
+are the previous episode's last step; zeros before the very first step); the target is a_t. Histories are
+downsampled to every k-th episode. `--context full` trains on whole downsampled streams (the paper's best),
+`--context N` on random windows of N tokens inside one stream. Losses: `mse` on the executed action (eq. 6)
+or `nll`, a Gaussian head trained against the source policy's own distribution (act_mean, act_std).
+
+The training loss barely moves while rollouts improve, so every --eval-every updates the model is rolled out
+in context on a few *validation* tasks (never the test tasks evaluate.py reports on) and the best checkpoint
+by normalised score is kept: 0 = a random policy, 1 = the source algorithm's final return.
+
+    python ad.py --arch mamba                                 # data/reacher_goal/sac -> out/reacher_goal/mamba
+    python ad.py --env point_goal --epochs 40 --threads 1     # the CPU demo (README)
+    python ad.py --env point_goal --resume                    # continue a killed run
+"""
+import argparse
+import glob
+import json
+import math
+import os
+import sys
+import tempfile
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import envs
+import mamba
+
+ARCHS = ("mamba",)
+LOG_STD_MIN, LOG_STD_MAX = -5.0, 1.0
+
+
+class DataError(ValueError):
+    """Missing, empty or mismatched learning histories, or an unusable checkpoint."""
+
+
+# ----------------------------------------------------------------------------- histories -> tokens
+
+def load_histories(data_dir, env):
+    """Every task_*.npz of data_dir, stacked: obs [tasks, E, episodes, H, obs_dim], act, act_mean, act_std
+    [.., act_dim], rew [tasks, E, episodes, H]; act_mean/act_std fall back to (act, 0) without them."""
+    make = f"python {envs.env_settings(env).algo}.py --env {env}"
+    if not os.path.isdir(data_dir):
+        raise DataError(f"no learning histories at {data_dir}: make them with `{make}`")
+    files = sorted(glob.glob(os.path.join(data_dir, "task_*.npz")))
+    if not files:
+        raise DataError(f"{data_dir} holds no task_*.npz learning histories: make them with `{make}`")
+    histories = [envs.load_history(f) for f in files]
+    for f, h in zip(files, histories):
+        if h["env"] != env:
+            raise DataError(f"{f} holds {h['env']} histories, not {env}: pass --env {h['env']} or another --data")
+        if h["obs"].shape != histories[0]["obs"].shape or h["algo"] != histories[0]["algo"]:
+            raise DataError(f"{f} does not match {files[0]} (shape {h['obs'].shape} vs "
+                            f"{histories[0]['obs'].shape}, algo {h['algo']}): one data directory per run")
+    data = {key: np.stack([h[key] for h in histories]) for key in ("obs", "act", "rew", "task")}
+    has_policy = all("act_mean" in h for h in histories)
+    data["act_mean"] = np.stack([h["act_mean"] for h in histories]) if has_policy else data["act"]
+    data["act_std"] = np.stack([h["act_std"] for h in histories]) if has_policy else np.zeros_like(data["act"])
+    data["algo"], data["files"] = histories[0]["algo"], len(files)
+    return data
+
+
+def dataset_stats(obs, rew):
+    """Standardisation statistics of observations (per dimension) and rewards (one scalar)."""
+    obs, rew = obs.reshape(-1, obs.shape[-1]).astype(np.float64), rew.astype(np.float64)
+    return {"obs_mean": torch.tensor(obs.mean(0), dtype=torch.float32),
+            "obs_std": torch.tensor(np.maximum(obs.std(0), 1e-3), dtype=torch.float32),
+            "rew_mean": torch.tensor(rew.mean(), dtype=torch.float32),
+            "rew_std": torch.tensor(max(rew.std(), 1e-3), dtype=torch.float32)}
+
+
+def standardise_reward(rew, stats):
+    return (rew - stats["rew_mean"]) / stats["rew_std"]
+
+
+def make_token(obs, prev_act, prev_rew, first, stats):
+    """x_t = [obs_t, act_{t-1}, rew_{t-1}, first_t]: obs raw, prev_act in [-1, 1], prev_rew already
+    standardised (0 before the very first step), first 0/1. Any leading shape."""
+    obs = (obs - stats["obs_mean"]) / stats["obs_std"]
+    return torch.cat([obs, prev_act, prev_rew[..., None], first[..., None]], dim=-1)
+
+
+def stream_tokens(obs, act, rew, stats):
+    """Whole streams of episodes obs [..., episodes, H, obs_dim], act [..., episodes, H, act_dim],
+    rew [..., episodes, H] -> tokens [..., episodes * H, d_in]."""
+    episodes, H = rew.shape[-2:]
+    obs, act = obs.flatten(-3, -2), act.flatten(-3, -2)
+    rew = standardise_reward(rew.flatten(-2), stats)
+    prev_act, prev_rew = torch.zeros_like(act), torch.zeros_like(rew)
+    prev_act[..., 1:, :], prev_rew[..., 1:] = act[..., :-1, :], rew[..., :-1]
+    first = torch.zeros_like(rew)
+    first[..., ::H] = 1
+    return make_token(obs, prev_act, prev_rew, first, stats)
+
+
+def build_streams(data, k, stats):
+    """Downsample to every k-th episode and flatten each (task, env) pair into one token stream.
+    Returns tokens [tasks, E, L, d_in] and targets act, act_mean, act_std [tasks, E, L, act_dim]."""
+    pick = {key: torch.from_numpy(data[key][:, :, ::k]) for key in ("obs", "act", "rew", "act_mean", "act_std")}
+    tokens = stream_tokens(pick["obs"], pick["act"], pick["rew"], stats)
+    targets = {key: pick[key].flatten(-3, -2) for key in ("act", "act_mean", "act_std")}
+    return tokens, targets
+
+
+def source_curve(rew, k):
+    """The source algorithm's mean return per downsampled episode, and its final return (mean over the
+    last 10% of all its episodes, as sac.py reports it)."""
+    returns = rew.sum(-1).reshape(-1, rew.shape[2])             # [streams, episodes]
+    last = max(1, returns.shape[1] // 10)
+    return returns[:, ::k].mean(0).tolist(), float(returns[:, -last:].mean())
+
+
+# ----------------------------------------------------------------------------- model and loss
+
+def build_model(config):
+    """The sequence model of a checkpoint config: d_in -> d_out per token, `forward` and `init_state`/`step`."""
+    if config["arch"] == "mamba":
+        return mamba.Mamba(config["d_in"], config["d_out"], config["d_model"], config["n_layer"],
+                           d_state=config["d_state"])
+    raise DataError(f"unknown arch {config['arch']!r}; this version knows: {', '.join(ARCHS)}")
+
+
+def policy_head(out, loss):
+    """Model output -> (mean action, log-std or None)."""
+    if loss == "mse":
+        return out, None
+    mean, log_std = out.chunk(2, dim=-1)
+    return mean, log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
+
+
+def action_loss(out, targets, loss):
+    """mse: squared error to the executed action (paper eq. 6). nll: the Gaussian head's expected negative
+    log-likelihood of actions drawn from the source policy N(act_mean, act_std) (the cross-entropy; for
+    a history without a policy distribution, the NLL of the executed action)."""
+    mean, log_std = policy_head(out, loss)
+    if loss == "mse":
+        return F.mse_loss(mean, targets["act"])
+    squared = (targets["act_mean"] - mean).square() + targets["act_std"].square()
+    return (log_std + 0.5 * squared * torch.exp(-2 * log_std)).mean()
+
+
+def choose_action(out, loss, act, generator=None):
+    """The rollout's action in [-1, 1]: the mean, or a sample of the Gaussian head (act="sample")."""
+    mean, log_std = policy_head(out, loss)
+    if act == "sample" and log_std is not None:
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device)
+        mean = mean + log_std.exp() * noise
+    return mean.clamp(-1, 1)
+
+
+# ----------------------------------------------------------------------------- in-context rollouts
+
+@torch.no_grad()
+def rollout(model, meta, tasks, n_episodes, n_seeds=1, act="mean", seed=0, device="cpu", desc=None):
+    """In-context RL on `tasks`: n_seeds copies of each task play n_episodes consecutive episodes while the
+    model's recurrent state (the context) persists across them; no gradient step. All tasks and seeds go
+    through one model call per time step. Returns the episode returns [tasks, seeds, episodes]."""
+    vec = envs.MultiTaskVecEnv(meta["env"], tasks, n_seeds, seed=seed)
+    n = vec.n_tasks * vec.n_envs
+    stats = {key: value.to(device) for key, value in meta["stats"].items()}
+    generator = torch.Generator(device).manual_seed(seed)
+    state = model.init_state(n, device)
+    prev_act, prev_rew = torch.zeros(n, vec.act_dim, device=device), torch.zeros(n, device=device)
+    returns = np.zeros((vec.n_tasks, vec.n_envs, n_episodes))
+    for episode in tqdm(range(n_episodes), desc=desc, disable=desc is None, leave=False):
+        obs = torch.as_tensor(vec.reset(), device=device).reshape(n, -1)
+        for t in range(vec.horizon):
+            first = torch.full((n,), float(t == 0), device=device)
+            out, state = model.step(make_token(obs, prev_act, prev_rew, first, stats), state)
+            prev_act = choose_action(out, meta["loss"], act, generator)
+            next_obs, rew, _ = vec.step(prev_act.reshape(vec.n_tasks, vec.n_envs, -1).cpu().numpy())
+            returns[:, :, episode] += rew
+            obs = torch.as_tensor(next_obs, device=device).reshape(n, -1)
+            prev_rew = standardise_reward(torch.as_tensor(rew, device=device).reshape(n), stats)
+    return returns
+
+
+def normalised(returns, random_return, source_final):
+    """0 = a random policy, 1 = the source algorithm's final return."""
+    return (np.asarray(returns) - random_return) / (source_final - random_return)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_atomic(obj, path):
+    """torch.save to a temp file in the same directory, then rename: a kill never leaves half a file."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path, arch=None, device="cpu"):
+    """A checkpoint written by ad.py, with its model rebuilt and loaded (in eval mode)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "ckpt.pt")
+    if not os.path.isfile(path):
+        raise DataError(f"no checkpoint at {path}: train one with `python ad.py`")
+    ckpt = torch.load(path, map_location=device, weights_only=False)
+    if not isinstance(ckpt, dict) or "model_config" not in ckpt:
+        raise DataError(f"{path} is not a checkpoint written by ad.py")
+    if arch is not None and ckpt["model_config"]["arch"] != arch:
+        raise DataError(f"{path} holds a {ckpt['model_config']['arch']} model, not {arch}")
+    model = build_model(ckpt["model_config"]).to(device)
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), ckpt
+
+
+# ----------------------------------------------------------------------------- training
+
+def lr_at(it, total, args):
+    """Linear warm-up, then cosine decay to a tenth of --lr (nanoGPT's schedule)."""
+    if it < args.warmup_iters:
+        return args.lr * (it + 1) / args.warmup_iters
+    progress = (it - args.warmup_iters) / max(1, total - args.warmup_iters)
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def make_optimizer(model, args):
+    """AdamW; no weight decay on biases, norms, A_log and D (as in the Mamba reference)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2 and not getattr(p, "_no_weight_decay", False)]
+    no_decay = [p for p in params if not (p.dim() >= 2 and not getattr(p, "_no_weight_decay", False))]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+
+
+def sample_batch(tokens, targets, args, generator):
+    """[batch, length, ...] training samples: whole streams (--context full) or windows inside one stream."""
+    n_streams, L = tokens.shape[:2]
+    rows = torch.randint(n_streams, (args.batch_size,), generator=generator)
+    if args.context == "full":
+        return tokens[rows], {key: value[rows] for key, value in targets.items()}
+    starts = torch.randint(L - args.context + 1, (args.batch_size,), generator=generator)
+    cols = starts[:, None] + torch.arange(args.context)
+    return tokens[rows[:, None], cols], {key: value[rows[:, None], cols] for key, value in targets.items()}
+
+
+def iters_per_epoch(n_streams, L, args):
+    """One epoch = as many tokens as the training streams hold."""
+    length = L if args.context == "full" else args.context
+    return max(1, math.ceil(n_streams * L / (args.batch_size * length)))
+
+
+@torch.no_grad()
+def validation_loss(model, tokens, targets, loss, batch_size=16):
+    model.eval()
+    losses = [action_loss(model(tokens[i:i + batch_size]), {key: v[i:i + batch_size] for key, v in targets.items()},
+                          loss).item() for i in range(0, len(tokens), batch_size)]
+    model.train()
+    return float(np.mean(losses)) if losses else float("nan")
+
+
+def prepare(args):
+    """Load the histories and build everything a run needs: streams, statistics, the model's config."""
+    settings = envs.env_settings(args.env)
+    data_dir = args.data or os.path.join("data", args.env, settings.algo)
+    data = load_histories(data_dir, args.env)
+    n_tasks = data["obs"].shape[0]
+    n_holdout = min(n_tasks - 1, max(1, round(args.holdout * n_tasks))) if args.holdout > 0 else 0
+    train_tasks = slice(0, n_tasks - n_holdout)
+    stats = dataset_stats(data["obs"][train_tasks], data["rew"][train_tasks])
+    tokens, targets = build_streams(data, args.k, stats)
+    L = tokens.shape[2]
+    if args.context != "full" and args.context > L:
+        raise DataError(f"--context {args.context} is longer than a downsampled stream ({L} tokens); "
+                        f"use --context full or a smaller N")
+    flat = lambda x: x.flatten(0, 1).to(args.device)  # noqa: E731  [tasks, E, ...] -> [streams, ...]
+    train = (flat(tokens[train_tasks]), {key: flat(v[train_tasks]) for key, v in targets.items()})
+    held = (flat(tokens[train_tasks.stop:]), {key: flat(v[train_tasks.stop:]) for key, v in targets.items()})
+    curve, final = source_curve(data["rew"], args.k)
+    obs_dim, act_dim = data["obs"].shape[-1], data["act"].shape[-1]
+    model_config = {"arch": args.arch, "d_in": tokens.shape[-1], "d_out": act_dim * (2 if args.loss == "nll" else 1),
+                    "d_model": args.d_model, "n_layer": args.n_layer, "d_state": args.d_state}
+    meta = {"env": args.env, "algo": data["algo"], "data": os.path.abspath(data_dir), "n_tasks": n_tasks,
+            "holdout_tasks": n_holdout, "k": args.k, "episodes": L // settings.horizon,
+            "horizon": settings.horizon, "obs_dim": obs_dim, "act_dim": act_dim, "loss": args.loss,
+            "context": args.context, "stats": stats, "source_curve": curve, "source_final": final}
+    return train, held, model_config, meta
+
+
+RUN_KEYS = ("env", "algo", "data", "k", "loss", "context")  # what a --resume must share with the old run
+
+
+def train(args):
+    train_set, held_set, model_config, meta = prepare(args)
+    out_dir = args.out or os.path.join("out", args.env, args.arch)
+    os.makedirs(out_dir, exist_ok=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    model = build_model(model_config).to(args.device)
+    optimizer = make_optimizer(model, args)
+    generator = torch.Generator().manual_seed(args.seed)
+    n_streams, L = train_set[0].shape[:2]
+    total = args.epochs * iters_per_epoch(n_streams, L, args)
+    start, best, log = 0, -math.inf, []
+    if args.resume:
+        start, best, log = resume(os.path.join(out_dir, "last.pt"), model, optimizer, generator, model_config, meta)
+
+    val_tasks = envs.sample_tasks(args.env, args.val_tasks, "val", seed=args.seed)
+    random_return = envs.baseline_return(args.env, val_tasks, "random")
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"AD-{args.arch} on {args.env}: {n_streams} training streams of {L} tokens ({meta['episodes']} episodes, "
+          f"k={args.k}) from {meta['n_tasks'] - meta['holdout_tasks']} tasks, {len(held_set[0])} held-out streams; "
+          f"{n_params / 1e6:.2f}M parameters; {total} updates; device {args.device} -> {out_dir}")
+    print(f"validation: {args.val_tasks} tasks; random policy {random_return:.2f}, "
+          f"source {meta['algo']} final {meta['source_final']:.2f}")
+
+    def checkpoint(it):
+        return {"model_config": model_config, "model": model.state_dict(), "meta": meta, "args": vars(args),
+                "iter": it, "best_score": best, "log": log}
+
+    bar = tqdm(range(start, total), initial=start, total=total, desc=f"AD-{args.arch}")
+    model.train()
+    for it in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(it, total, args)
+        tokens, targets = sample_batch(*train_set, args, generator)
+        tokens = tokens + args.noise * torch.randn(tokens.shape, generator=generator).to(tokens.device)
+        loss = action_loss(model(tokens), targets, args.loss)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"the loss became {loss.item()} at update {it}: lower --lr or check the data")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}", best=f"{best:.2f}", refresh=False)
+        if (it + 1) % args.eval_every == 0 or it + 1 == total:
+            model.eval()
+            returns = rollout(model, meta, val_tasks, meta["episodes"], n_seeds=args.val_seeds, act=args.act,
+                              seed=args.seed, device=args.device)
+            model.train()
+            score = float(normalised(returns[:, :, -5:].mean(), random_return, meta["source_final"]))
+            entry = {"iter": it + 1, "loss": loss.item(), "val_loss": validation_loss(model, *held_set, args.loss),
+                     "val_score": score, "val_first_episode": float(returns[:, :, 0].mean()),
+                     "val_last5": float(returns[:, :, -5:].mean())}
+            log.append(entry)
+            if score > best:
+                best = score
+                save_atomic(checkpoint(it + 1), os.path.join(out_dir, "ckpt.pt"))
+            save_atomic({**checkpoint(it + 1), "optimizer": optimizer.state_dict(),
+                         "generator": generator.get_state(), "torch_rng": torch.get_rng_state()},
+                        os.path.join(out_dir, "last.pt"))
+            with open(os.path.join(out_dir, "log.json"), "w") as f:
+                json.dump(log, f, indent=1)
+            tqdm.write(f"update {it + 1}: loss {entry['loss']:.4f}, held-out loss {entry['val_loss']:.4f}, "
+                       f"validation return first {entry['val_first_episode']:.2f} -> last 5 {entry['val_last5']:.2f}"
+                       f" (score {score:.2f}, best {best:.2f})")
+    print(f"best validation score {best:.2f}; checkpoint {out_dir}/ckpt.pt; evaluate with "
+          f"`python evaluate.py {out_dir}`")
+    return best
+
+
+def resume(path, model, optimizer, generator, model_config, meta):
+    """Restore a killed run from last.pt, refusing one made with other data, settings or model."""
+    if not os.path.isfile(path):
+        raise DataError(f"--resume: no {path} to resume from; drop --resume to start a new run")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if ckpt["model_config"] != model_config:
+        raise DataError(f"--resume: {path} holds a {ckpt['model_config']} model, this run asks for {model_config}")
+    for key in RUN_KEYS:
+        if ckpt["meta"][key] != meta[key]:
+            raise DataError(f"--resume: {path} was trained with {key}={ckpt['meta'][key]!r}, this run has "
+                            f"{meta[key]!r}; use another --out or the old settings")
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    generator.set_state(ckpt["generator"])
+    torch.set_rng_state(ckpt["torch_rng"])
+    print(f"resuming from update {ckpt['iter']} of {path}")
+    return ckpt["iter"], ckpt["best_score"], ckpt["log"]
+
+
+# ----------------------------------------------------------------------------- command line
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def context_arg(text):
+    return text if text == "full" else positive_int(text)
+
+
+def resolve_device(name):
+    """'auto' -> cuda if available; raises ValueError for a device this machine does not have."""
+    name = ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+    try:
+        torch.empty(0, device=name)
+    except (RuntimeError, AssertionError) as e:
+        raise ValueError(f"--device {name}: {str(e).splitlines()[0]}") from None
+    return name
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--env", default="reacher_goal", choices=list(envs.ENVS))
+    p.add_argument("--arch", default="mamba", choices=ARCHS)
+    p.add_argument("--data", default=None, help="history directory (default: data/ENV/ALGO of envs.ENVS)")
+    p.add_argument("--out", default=None, help="checkpoint directory (default: out/ENV/ARCH)")
+    p.add_argument("--k", type=positive_int, default=None, help="keep every k-th episode (default: envs.ENVS)")
+    p.add_argument("--context", type=context_arg, default="full", help="full (whole streams) or N tokens")
+    p.add_argument("--loss", default="nll", choices=("nll", "mse"))
+    p.add_argument("--d-model", type=positive_int, default=None, help="model width (default: envs.ENVS)")
+    p.add_argument("--n-layer", type=positive_int, default=None, help="layers (default: envs.ENVS)")
+    p.add_argument("--d-state", type=positive_int, default=16, help="Mamba's SSM state size N")
+    p.add_argument("--epochs", type=positive_int, default=450, help="passes over the training tokens (App. B)")
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup-iters", type=positive_int, default=100)
+    p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default: envs.ENVS)")
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--noise", type=float, default=0.05, help="std of the Gaussian noise added to input tokens")
+    p.add_argument("--holdout", type=float, default=0.05, help="fraction of training tasks held out for a loss")
+    p.add_argument("--eval-every", type=positive_int, default=200, help="updates between validation rollouts")
+    p.add_argument("--val-tasks", type=positive_int, default=5, help="validation tasks (split 'val')")
+    p.add_argument("--val-seeds", type=positive_int, default=2, help="rollouts per validation task")
+    p.add_argument("--act", default="sample", choices=("mean", "sample"), help="validation rollout actions")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    return p
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
+    settings = envs.ENVS[args.env]
+    args.k = args.k or settings.k
+    args.d_model = args.d_model or settings.mamba["d_model"]
+    args.n_layer = args.n_layer or settings.mamba["n_layer"]
+    args.weight_decay = settings.weight_decay if args.weight_decay is None else args.weight_decay
+    args.device = resolve_device(args.device)
+    return args
+
+
+def main(argv=None):
+    try:
+        args = parse_args(argv)
+        train(args)
+    except (OSError, ValueError, FloatingPointError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
