@@ -47,28 +47,41 @@ class DataError(ValueError):
 
 # ----------------------------------------------------------------------------- histories -> tokens
 
-def load_histories(data_dir, env):
-    """Every task_*.npz of data_dir, stacked: obs [tasks, E, episodes, H, obs_dim], act, act_mean, act_std
-    [.., act_dim], rew [tasks, E, episodes, H]; act_mean/act_std fall back to (act, 0) without them."""
+def load_histories(data_dir, env, k):
+    """Every task_*.npz of data_dir, downsampled to every k-th episode as it is read (a paper-scale data
+    set need not fit in memory whole) and stacked: obs [tasks, E, episodes, H, obs_dim], act, act_mean,
+    act_std [.., act_dim] (without a stored policy: act and 0), rew [tasks, E, episodes, H]; plus
+    `returns` [tasks, E, all episodes] of the full histories, for the source algorithm's learning curve."""
     make = f"python {envs.env_settings(env).algo}.py --env {env}"
     if not os.path.isdir(data_dir):
         raise DataError(f"no learning histories at {data_dir}: make them with `{make}`")
     files = sorted(glob.glob(os.path.join(data_dir, "task_*.npz")))
     if not files:
         raise DataError(f"{data_dir} holds no task_*.npz learning histories: make them with `{make}`")
-    histories = [envs.load_history(f) for f in files]
-    for f, h in zip(files, histories):
+    kept, returns, first = [], [], None
+    for f in files:
+        h = envs.load_history(f)
+        first = h if first is None else first
         if h["env"] != env:
             raise DataError(f"{f} holds {h['env']} histories, not {env}: pass --env {h['env']} or another --data")
-        if h["obs"].shape != histories[0]["obs"].shape or h["algo"] != histories[0]["algo"]:
-            raise DataError(f"{f} does not match {files[0]} (shape {h['obs'].shape} vs "
-                            f"{histories[0]['obs'].shape}, algo {h['algo']}): one data directory per run")
-    data = {key: np.stack([h[key] for h in histories]) for key in ("obs", "act", "rew", "task")}
-    has_policy = all("act_mean" in h for h in histories)
-    data["act_mean"] = np.stack([h["act_mean"] for h in histories]) if has_policy else data["act"]
-    data["act_std"] = np.stack([h["act_std"] for h in histories]) if has_policy else np.zeros_like(data["act"])
-    data["algo"], data["files"] = histories[0]["algo"], len(files)
+        if h["obs"].shape != first["obs"].shape or h["algo"] != first["algo"]:
+            raise DataError(f"{f} does not match {files[0]} (shape {h['obs'].shape} vs {first['obs'].shape}, "
+                            f"algo {h['algo']} vs {first['algo']}): one data directory per run")
+        h.setdefault("act_mean", h["act"])
+        h.setdefault("act_std", np.zeros_like(h["act"]))
+        kept.append(downsample(h, k))
+        returns.append(h["rew"].sum(-1))
+    data = {key: np.stack([h[key] for h in kept]) for key in kept[0]}
+    data.update(returns=np.stack(returns), algo=first["algo"])
     return data
+
+
+HISTORY_ARRAYS = ("obs", "act", "rew", "act_mean", "act_std")
+
+
+def downsample(history, k):
+    """Keep every k-th episode (0, k, 2k, ...) of each stream: the arrays' episode axis is the second."""
+    return {key: history[key][:, ::k] for key in HISTORY_ARRAYS}
 
 
 def dataset_stats(obs, rew):
@@ -104,19 +117,18 @@ def stream_tokens(obs, act, rew, stats):
     return make_token(obs, prev_act, prev_rew, first, stats)
 
 
-def build_streams(data, k, stats):
-    """Downsample to every k-th episode and flatten each (task, env) pair into one token stream.
+def build_streams(data, stats):
+    """Flatten each (task, env) pair of downsampled histories into one token stream.
     Returns tokens [tasks, E, L, d_in] and targets act, act_mean, act_std [tasks, E, L, act_dim]."""
-    pick = {key: torch.from_numpy(data[key][:, :, ::k]) for key in ("obs", "act", "rew", "act_mean", "act_std")}
-    tokens = stream_tokens(pick["obs"], pick["act"], pick["rew"], stats)
-    targets = {key: pick[key].flatten(-3, -2) for key in ("act", "act_mean", "act_std")}
-    return tokens, targets
+    arrays = {key: torch.as_tensor(data[key]) for key in HISTORY_ARRAYS}
+    tokens = stream_tokens(arrays["obs"], arrays["act"], arrays["rew"], stats)
+    return tokens, {key: arrays[key].flatten(-3, -2) for key in ("act", "act_mean", "act_std")}
 
 
-def source_curve(rew, k):
-    """The source algorithm's mean return per downsampled episode, and its final return (mean over the
-    last 10% of all its episodes, as sac.py reports it)."""
-    returns = rew.sum(-1).reshape(-1, rew.shape[2])             # [streams, episodes]
+def source_curve(returns, k):
+    """The source algorithm's mean return per downsampled episode (the units AD is trained in), and its
+    final return: the mean over the last 10% of all its episodes, as sac.py reports it."""
+    returns = returns.reshape(-1, returns.shape[-1])             # [streams, episodes]
     last = max(1, returns.shape[1] // 10)
     return returns[:, ::k].mean(0).tolist(), float(returns[:, -last:].mean())
 
@@ -273,20 +285,22 @@ def prepare(args):
     """Load the histories and build everything a run needs: streams, statistics, the model's config."""
     settings = envs.env_settings(args.env)
     data_dir = args.data or os.path.join("data", args.env, settings.algo)
-    data = load_histories(data_dir, args.env)
+    data = load_histories(data_dir, args.env, args.k)
     n_tasks = data["obs"].shape[0]
     n_holdout = min(n_tasks - 1, max(1, round(args.holdout * n_tasks))) if args.holdout > 0 else 0
-    train_tasks = slice(0, n_tasks - n_holdout)
-    stats = dataset_stats(data["obs"][train_tasks], data["rew"][train_tasks])
-    tokens, targets = build_streams(data, args.k, stats)
+    n_train = n_tasks - n_holdout
+    stats = dataset_stats(data["obs"][:n_train], data["rew"][:n_train])
+    tokens, targets = build_streams(data, stats)
     L = tokens.shape[2]
     if args.context != "full" and args.context > L:
         raise DataError(f"--context {args.context} is longer than a downsampled stream ({L} tokens); "
                         f"use --context full or a smaller N")
-    flat = lambda x: x.flatten(0, 1).to(args.device)  # noqa: E731  [tasks, E, ...] -> [streams, ...]
-    train = (flat(tokens[train_tasks]), {key: flat(v[train_tasks]) for key, v in targets.items()})
-    held = (flat(tokens[train_tasks.stop:]), {key: flat(v[train_tasks.stop:]) for key, v in targets.items()})
-    curve, final = source_curve(data["rew"], args.k)
+
+    def streams(tasks):  # [tasks, E, ...] -> [streams, ...] on the training device
+        return (tokens[tasks].flatten(0, 1).to(args.device),
+                {key: value[tasks].flatten(0, 1).to(args.device) for key, value in targets.items()})
+    train, held = streams(slice(0, n_train)), streams(slice(n_train, n_tasks))
+    curve, final = source_curve(data["returns"], args.k)
     obs_dim, act_dim = data["obs"].shape[-1], data["act"].shape[-1]
     model_config = {"arch": args.arch, "d_in": tokens.shape[-1], "d_out": act_dim * (2 if args.loss == "nll" else 1),
                     "d_model": args.d_model, "n_layer": args.n_layer, "d_state": args.d_state}
@@ -434,8 +448,8 @@ def build_parser():
     p.add_argument("--noise", type=float, default=0.05, help="std of the Gaussian noise added to input tokens")
     p.add_argument("--holdout", type=float, default=0.05, help="fraction of training tasks held out for a loss")
     p.add_argument("--eval-every", type=positive_int, default=200, help="updates between validation rollouts")
-    p.add_argument("--val-tasks", type=positive_int, default=5, help="validation tasks (split 'val')")
-    p.add_argument("--val-seeds", type=positive_int, default=2, help="rollouts per validation task")
+    p.add_argument("--val-tasks", type=positive_int, default=10, help="validation tasks (split 'val')")
+    p.add_argument("--val-seeds", type=positive_int, default=3, help="rollouts per validation task")
     p.add_argument("--act", default="sample", choices=("mean", "sample"), help="validation rollout actions")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")

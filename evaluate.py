@@ -69,7 +69,7 @@ def plot(results, directories, png_path):
     first = results[0]
     source = first["source_curve"]
     ax.plot(np.arange(len(source)), source, "k--",
-            label=f"{first['algo'].upper()} learning, training tasks (every {first['k']}th episode)")
+            label=f"{first['algo'].upper()} learning curve, training tasks (one episode in {first['k']})")
     ax.axhline(first["summary"]["zero_action"], color="grey", ls=":", label="zero action")
     ax.axhline(first["summary"]["random_policy"], color="grey", ls="-.", label="random policy")
     ax.set(xlabel="episode in context (downsampled units)", ylabel="return",
