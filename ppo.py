@@ -162,8 +162,8 @@ class PPO(nn.Module):
 # ----------------------------------------------------------------------------- rollouts and updates
 
 def collect_and_learn(agent, vec, n_steps, args, desc):
-    """Run the agent on every env of `vec` for n_steps vector steps, updating after each rollout of
-    --rollout-steps steps. Returns the filled sac.HistoryBuffer (the history, in order)."""
+    """Run the agent on every env of `vec` for n_steps vector steps, updating after each full rollout
+    of --rollout-steps steps. Returns the filled sac.HistoryBuffer (the history, in order)."""
     device = args.device
     buf = sac.HistoryBuffer(vec.n_tasks, vec.n_envs, n_steps, vec.horizon, vec.obs_dim, vec.act_dim, device)
     raw_act = torch.zeros(vec.n_tasks, vec.n_envs, args.rollout_steps, vec.act_dim, device=device)
@@ -180,7 +180,7 @@ def collect_and_learn(agent, vec, n_steps, args, desc):
         buf.add(obs, action, torch.as_tensor(rew, device=device), next_obs, mean, std)
         raw_act[:, :, t - start] = raw
         obs = torch.as_tensor(vec.reset(), device=device) if episode_over else next_obs
-        if t + 1 - start == args.rollout_steps and t + 1 < n_steps:  # (no update after the last step)
+        if t + 1 - start == args.rollout_steps:
             steps = torch.arange(start, t + 1, device=device)
             agent.update(buf.obs[:, :, start:t + 1], raw_act, buf.rew[:, :, start:t + 1],
                          buf.next_obs(task, env, steps[None, None]), (steps + 1) % vec.horizon == 0)
