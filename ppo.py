@@ -75,7 +75,9 @@ class RunningNorm(nn.Module):
         super().__init__()
         self.register_buffer("mean", torch.zeros(n_tasks, 1, dim))
         self.register_buffer("var", torch.ones(n_tasks, 1, dim))
-        self.register_buffer("count", torch.tensor(1e-4))  # SB3's epsilon: the first batch sets the stats
+        # one count for all tasks: they all see the same number of steps. SB3's epsilon: the first
+        # batch sets the statistics
+        self.register_buffer("count", torch.tensor(1e-4))
 
     def update(self, x):
         """x [n_tasks, N, dim]: fold in N more observations per task."""
@@ -128,16 +130,14 @@ class PPO(nn.Module):
 
     def update(self, obs, raw_act, rew, next_obs, episode_end):
         """One PPO update from a rollout: tensors [T, E, L, ...]; episode_end [L] (bool)."""
-        T = obs.shape[0]
-        self.obs_norm.update(obs.reshape(T, -1, obs.shape[-1]))
+        T, E, L = rew.shape
+        obs, raw_act, next_obs = obs.flatten(1, 2), raw_act.flatten(1, 2), next_obs.flatten(1, 2)  # [T, E L, .]
+        self.obs_norm.update(obs)
         with torch.no_grad():  # the "old" policy and value: this network before any step on this rollout
-            old_log_prob = self.dist(obs.flatten(1, 2)).log_prob(raw_act.flatten(1, 2)).sum(-1)
-            value = self.value(obs.flatten(1, 2)).view(rew.shape)
-            next_value = self.value(next_obs.flatten(1, 2)).view(rew.shape)
+            old_log_prob = self.dist(obs).log_prob(raw_act).sum(-1)
+            value, next_value = self.value(obs).view(T, E, L), self.value(next_obs).view(T, E, L)
             adv = gae(rew, value, next_value, episode_end, self.gamma, self.gae_lambda)
-            ret = (adv + value).flatten(1)
-            adv = adv.flatten(1)
-        obs, raw_act = obs.flatten(1, 2), raw_act.flatten(1, 2)
+            ret, adv = (adv + value).flatten(1), adv.flatten(1)
         n, task = adv.shape[1], torch.arange(T, device=adv.device)[:, None]
         for _ in range(self.epochs):
             order = torch.rand(T, n, device=adv.device).argsort(1)  # each task shuffles its own rollout
@@ -148,7 +148,8 @@ class PPO(nn.Module):
     def step(self, obs, raw_act, old_log_prob, adv, ret):
         """One gradient step on a minibatch [T, B, ...] of every task."""
         pi = self.dist(obs)
-        adv = (adv - adv.mean(-1, keepdim=True)) / (adv.std(-1, keepdim=True) + 1e-8)
+        # (the population std: a last minibatch of one sample gets advantage 0, not NaN)
+        adv = (adv - adv.mean(-1, keepdim=True)) / (adv.std(-1, keepdim=True, correction=0) + 1e-8)
         policy_loss = clipped_surrogate(pi.log_prob(raw_act).sum(-1), old_log_prob, adv, self.clip)
         value_loss = (self.value(obs) - ret).square().mean(-1)
         entropy = pi.entropy().sum(-1).mean(-1)
