@@ -18,7 +18,7 @@ in context on a few *validation* tasks (never the test tasks evaluate.py reports
 by normalised score is kept: 0 = a random policy, 1 = the source algorithm's final return.
 
     python ad.py --arch mamba                                 # data/reacher_goal/sac -> out/reacher_goal/mamba
-    python ad.py --env point_goal --epochs 40 --threads 1     # the CPU demo (README)
+    python ad.py --env point_goal                             # the CPU demo (README; ENVS sets lr, epochs)
     python ad.py --env point_goal --resume                    # continue a killed run
 """
 import argparse
@@ -459,8 +459,11 @@ def build_parser():
 
 
 def parse_args(argv=None):
-    args = build_parser().parse_args(argv)
-    settings = envs.ENVS[args.env]
+    """Parse twice: first --env, whose ENVS row then sets the defaults of everything else."""
+    parser = build_parser()
+    settings = envs.ENVS[parser.parse_known_args(argv)[0].env]
+    parser.set_defaults(**settings.ad)
+    args = parser.parse_args(argv)
     args.k = args.k or settings.k
     args.d_model = args.d_model or settings.mamba["d_model"]
     args.n_layer = args.n_layer or settings.mamba["n_layer"]

@@ -4,16 +4,21 @@
         Multi-task RL throughput: env steps per second when T tasks train together in one process
         (DESIGN.md, "Many tasks at once"), against one task alone (always measured first), with the
         script's own defaults for the env (ENVS overrides included).
+    python bench.py scan [--shapes 16x128x400 8x256x1000] [--backends ref torch] [--threads 1]
+        Mamba's selective scan: forward and backward seconds of each backend (mamba.selective_scan) on
+        batch x dim x L inputs with N = 16, median of --repeats, side by side in one run.
 Small models run faster and steadier on one thread; the machine is shared, so compare rows of one run.
 """
 import argparse
 import math
+import statistics
 import time
 
 import torch
 
 import droq
 import envs
+import mamba
 import ppo
 import sac
 
@@ -67,6 +72,53 @@ def env_steps_per_second(vec, n_steps):
     return vec.n_tasks * vec.n_envs * n_steps / (time.perf_counter() - start)
 
 
+def bench_scan(args):
+    torch.set_num_threads(args.threads)
+    print(f"selective_scan forward + backward, N = {args.d_state}, median of {args.repeats}, "
+          f"{args.threads} thread(s), device {args.device}")
+    print(f"{'batch x dim x L':>18} {'backend':>8} {'forward s':>10} {'backward s':>11} {'vs ' + args.backends[0]:>10}")
+    for shape in args.shapes:
+        first = None
+        for backend in args.backends:
+            forward, backward = time_scan(backend, *shape, args.d_state, args.repeats, args.device)
+            first = first or forward + backward
+            print(f"{'x'.join(map(str, shape)):>18} {backend:>8} {forward:>10.3f} {backward:>11.3f}"
+                  f" {first / (forward + backward):>9.1f}x", flush=True)
+
+
+def time_scan(backend, batch, dim, L, N, repeats, device):
+    """Median forward and backward seconds of one selective_scan call with D, z and delta_softplus."""
+    g = torch.Generator().manual_seed(0)
+
+    def leaf(*shape, scale=1.0, offset=0.0):
+        return (torch.randn(*shape, generator=g) * scale + offset).to(device).requires_grad_()
+    inputs = dict(u=leaf(batch, dim, L), delta=leaf(batch, dim, L, scale=0.5), A=-leaf(dim, N).detach().abs(),
+                  B=leaf(batch, N, L), C=leaf(batch, N, L), D=leaf(dim), z=leaf(batch, dim, L))
+    forward, backward = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        y = mamba.selective_scan(**inputs, delta_softplus=True, backend=backend)
+        _sync(device)
+        middle = time.perf_counter()
+        y.sum().backward()
+        _sync(device)
+        forward.append(middle - start)
+        backward.append(time.perf_counter() - middle)
+    return statistics.median(forward), statistics.median(backward)
+
+
+def _sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def shape_arg(text):
+    try:
+        return tuple(sac.positive_int(x) for x in text.split("x"))
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError(f"expected BATCHxDIMxL, e.g. 8x256x1000, got {text}") from None
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="bench", required=True)
@@ -80,8 +132,16 @@ def main():
                     help="off-policy updates per vector step (default: the script's)")
     rl.add_argument("--threads", type=sac.positive_int, default=torch.get_num_threads())
     rl.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    scan = sub.add_parser("scan", help="Mamba's selective scan, each backend")
+    scan.add_argument("--shapes", type=shape_arg, nargs="+", default=[(16, 128, 400), (8, 256, 1000)],
+                      help="BATCHxDIMxL")
+    scan.add_argument("--backends", nargs="+", default=["ref", "torch"], choices=mamba.BACKENDS[1:])
+    scan.add_argument("--d-state", type=sac.positive_int, default=16)
+    scan.add_argument("--repeats", type=sac.positive_int, default=3)
+    scan.add_argument("--threads", type=sac.positive_int, default=1)
+    scan.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
-    {"rl": bench_rl}[args.bench](args)
+    {"rl": bench_rl, "scan": bench_scan}[args.bench](args)
 
 
 if __name__ == "__main__":

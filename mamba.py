@@ -21,7 +21,8 @@ h_t = a_t * h_{t-1} + b_t step by step. Three paths, one semantics:
 `forward` reads a whole sequence; `init_state`/`step` read it one token at a time with O(1) time and
 memory per token (a conv window and the SSM state h per layer) and reproduce `forward`.
 
-    python -c "import mamba, torch; m = mamba.Mamba(4, 2, 64, 2); print(m(torch.randn(1, 10, 4)).shape)"
+    python -c "import mamba, torch; print(mamba.Mamba(4, 2, 64, 2)(torch.randn(1, 10, 4)).shape)"
+    python bench.py scan                                  # the backends side by side
 """
 import math
 
