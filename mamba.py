@@ -107,9 +107,8 @@ class SelectiveScanFn(torch.autograd.Function):
         B_t = B.permute(2, 0, 1)[:, :, None, :]                       # [L, batch, 1, N]
         hs = u.new_empty(L, batch, dim, A.shape[1])
         h = u.new_zeros(batch, dim, A.shape[1])
-        for t in range(L):
-            h = torch.exp(delta_t[t] * A).mul_(h).addcmul_(delta_u[t], B_t[t])
-            hs[t] = h
+        for t in range(L):  # h_t = exp(delta_t A) * h_{t-1} + delta_t u_t B_t, written in place into hs[t]
+            h = torch.exp(delta_t[t] * A, out=hs[t]).mul_(h).addcmul_(delta_u[t], B_t[t])
         y = torch.matmul(hs, C.permute(2, 0, 1)[..., None]).squeeze(-1)   # [L, batch, dim]
         ctx.save_for_backward(u, delta, A, B, C, hs)
         return y.permute(1, 2, 0)
