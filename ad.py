@@ -329,6 +329,8 @@ def train(args):
     start, best, log = 0, -math.inf, []
     if args.resume:
         start, best, log = resume(os.path.join(out_dir, "last.pt"), model, optimizer, generator, model_config, meta)
+    elif os.path.exists(os.path.join(out_dir, "last.pt")):  # never overwrite a run's best checkpoint silently
+        raise DataError(f"{out_dir} already holds a run: pass --resume to continue it, or another --out")
 
     val_tasks = envs.sample_tasks(args.env, args.val_tasks, "val", seed=args.seed)
     random_return = envs.baseline_return(args.env, val_tasks, "random")

@@ -597,6 +597,8 @@ def test_ad_errors_are_one_line(tmp_path, capsys):
     # a checkpoint of another arch, or not a checkpoint at all
     args = _ad_args(tmp_path, tmp_path / "data", "--epochs", "1")
     ad.train(args)
+    with pytest.raises(ad.DataError, match="already holds a run: pass --resume"):
+        ad.train(args)
     with pytest.raises(ad.DataError, match="holds a mamba model, not transformer"):
         ad.load_checkpoint(str(tmp_path / "run"), arch="transformer")
     torch.save({"weights": 1}, tmp_path / "bad.pt")
