@@ -407,15 +407,8 @@ def resume(path, model, optimizer, generator, model_config, meta):
 
 # ----------------------------------------------------------------------------- command line
 
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
 def context_arg(text):
-    return text if text == "full" else positive_int(text)
+    return text if text == "full" else envs.positive_int(text)
 
 
 def resolve_device(name):
@@ -435,27 +428,27 @@ def build_parser():
     p.add_argument("--arch", default="mamba", choices=ARCHS)
     p.add_argument("--data", default=None, help="history directory (default: data/ENV/ALGO of envs.ENVS)")
     p.add_argument("--out", default=None, help="checkpoint directory (default: out/ENV/ARCH)")
-    p.add_argument("--k", type=positive_int, default=None, help="keep every k-th episode (default: envs.ENVS)")
+    p.add_argument("--k", type=envs.positive_int, default=None, help="keep every k-th episode (default: envs.ENVS)")
     p.add_argument("--context", type=context_arg, default="full", help="full (whole streams) or N tokens")
     p.add_argument("--loss", default="nll", choices=("nll", "mse"))
-    p.add_argument("--d-model", type=positive_int, default=None, help="model width (default: envs.ENVS)")
-    p.add_argument("--n-layer", type=positive_int, default=None, help="layers (default: envs.ENVS)")
-    p.add_argument("--d-state", type=positive_int, default=16, help="Mamba's SSM state size N")
-    p.add_argument("--epochs", type=positive_int, default=450, help="passes over the training tokens (App. B)")
-    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--d-model", type=envs.positive_int, default=None, help="model width (default: envs.ENVS)")
+    p.add_argument("--n-layer", type=envs.positive_int, default=None, help="layers (default: envs.ENVS)")
+    p.add_argument("--d-state", type=envs.positive_int, default=16, help="Mamba's SSM state size N")
+    p.add_argument("--epochs", type=envs.positive_int, default=450, help="passes over the training tokens (App. B)")
+    p.add_argument("--batch-size", type=envs.positive_int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup-iters", type=positive_int, default=100)
+    p.add_argument("--warmup-iters", type=envs.positive_int, default=100)
     p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default: envs.ENVS)")
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--noise", type=float, default=0.05, help="std of the Gaussian noise added to input tokens")
     p.add_argument("--holdout", type=float, default=0.05, help="fraction of training tasks held out for a loss")
-    p.add_argument("--eval-every", type=positive_int, default=200, help="updates between validation rollouts")
-    p.add_argument("--val-tasks", type=positive_int, default=10, help="validation tasks (split 'val')")
-    p.add_argument("--val-seeds", type=positive_int, default=3, help="rollouts per validation task")
+    p.add_argument("--eval-every", type=envs.positive_int, default=200, help="updates between validation rollouts")
+    p.add_argument("--val-tasks", type=envs.positive_int, default=10, help="validation tasks (split 'val')")
+    p.add_argument("--val-seeds", type=envs.positive_int, default=3, help="rollouts per validation task")
     p.add_argument("--act", default="sample", choices=("mean", "sample"), help="validation rollout actions")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=envs.positive_int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     return p
 

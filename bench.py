@@ -114,7 +114,7 @@ def _sync(device):
 
 def shape_arg(text):
     try:
-        return tuple(sac.positive_int(x) for x in text.split("x"))
+        return tuple(envs.positive_int(x) for x in text.split("x"))
     except (ValueError, argparse.ArgumentTypeError):
         raise argparse.ArgumentTypeError(f"expected BATCHxDIMxL, e.g. 8x256x1000, got {text}") from None
 
@@ -125,20 +125,20 @@ def main():
     rl = sub.add_parser("rl", help="multi-task RL throughput")
     rl.add_argument("--algo", default="sac", choices=list(RL_ALGOS))
     rl.add_argument("--env", default="reacher_goal", choices=list(envs.ENVS))
-    rl.add_argument("--tasks", type=sac.positive_int, nargs="+", default=[10, 20, 70])
-    rl.add_argument("--vector-steps", type=sac.positive_int, default=200)
-    rl.add_argument("--n-envs", type=sac.positive_int, default=5)
-    rl.add_argument("--gradient-steps", type=sac.positive_int, default=None,
+    rl.add_argument("--tasks", type=envs.positive_int, nargs="+", default=[10, 20, 70])
+    rl.add_argument("--vector-steps", type=envs.positive_int, default=200)
+    rl.add_argument("--n-envs", type=envs.positive_int, default=5)
+    rl.add_argument("--gradient-steps", type=envs.positive_int, default=None,
                     help="off-policy updates per vector step (default: the script's)")
-    rl.add_argument("--threads", type=sac.positive_int, default=torch.get_num_threads())
+    rl.add_argument("--threads", type=envs.positive_int, default=torch.get_num_threads())
     rl.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     scan = sub.add_parser("scan", help="Mamba's selective scan, each backend")
     scan.add_argument("--shapes", type=shape_arg, nargs="+", default=[(16, 128, 400), (8, 256, 1000)],
                       help="BATCHxDIMxL")
     scan.add_argument("--backends", nargs="+", default=["ref", "torch"], choices=mamba.BACKENDS[1:])
-    scan.add_argument("--d-state", type=sac.positive_int, default=16)
-    scan.add_argument("--repeats", type=sac.positive_int, default=3)
-    scan.add_argument("--threads", type=sac.positive_int, default=1)
+    scan.add_argument("--d-state", type=envs.positive_int, default=16)
+    scan.add_argument("--repeats", type=envs.positive_int, default=3)
+    scan.add_argument("--threads", type=envs.positive_int, default=1)
     scan.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     {"rl": bench_rl, "scan": bench_scan}[args.bench](args)

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import envs
 import sac
 
 
@@ -68,7 +69,7 @@ class DroQ(sac.SAC):
 def build_parser():
     p = sac.build_parser("droq", __doc__.split("\n")[0])
     p.set_defaults(gradient_steps=3)  # Appendix A
-    p.add_argument("--policy-delay", type=sac.positive_int, default=3,
+    p.add_argument("--policy-delay", type=envs.positive_int, default=3,
                    help="update the actor and entropy weight once every this many critic updates")
     p.add_argument("--dropout", type=dropout_rate, default=0.01, help="dropout rate in the Q-networks")
     return p

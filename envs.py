@@ -19,6 +19,7 @@ This file also holds `ENVS` (the per-env paper settings every script takes its d
 stepped in one call) and `save_history` / `load_history` (the .npz contract between the RL scripts
 and ad.py).
 """
+import argparse
 import os
 import tempfile
 import warnings
@@ -302,6 +303,14 @@ ENVS = {
 for _name, _settings in ENVS.items():
     if _settings.gym_id not in gym.registry:
         gym.register(id=_settings.gym_id, entry_point=_settings.env_class)
+
+
+def positive_int(text):
+    """argparse type for counts (--tasks, --steps, ...): a one-line error for 0 or less."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
 
 
 def env_settings(name):

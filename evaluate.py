@@ -85,9 +85,9 @@ def build_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoints", nargs="*", default=[os.path.join("out", "reacher_goal", "mamba")],
                    help="checkpoint directories (or ckpt.pt files) written by ad.py")
-    p.add_argument("--tasks", type=ad.positive_int, default=10, help="held-out test tasks")
-    p.add_argument("--seeds", type=ad.positive_int, default=3, help="rollouts per task")
-    p.add_argument("--episodes", type=ad.positive_int, default=None,
+    p.add_argument("--tasks", type=envs.positive_int, default=10, help="held-out test tasks")
+    p.add_argument("--seeds", type=envs.positive_int, default=3, help="rollouts per task")
+    p.add_argument("--episodes", type=envs.positive_int, default=None,
                    help="consecutive episodes (default: a training stream's length)")
     p.add_argument("--act", default="sample", choices=("mean", "sample"),
                    help="actions: the Gaussian head's mean or a sample of it (mse checkpoints: always the mean)")
@@ -95,7 +95,7 @@ def build_parser():
                                                "directory; out/compare for several)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=ad.positive_int, default=None)
+    p.add_argument("--threads", type=envs.positive_int, default=None)
     return p
 
 

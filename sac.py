@@ -279,18 +279,18 @@ def base_parser(algo, description):
     p = argparse.ArgumentParser(description=description,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--env", default="reacher_goal", choices=list(envs.ENVS))
-    p.add_argument("--tasks", type=positive_int, default=None, help="number of training tasks (default: ENVS)")
-    p.add_argument("--steps", type=positive_int, default=None, help="env steps per task (default: ENVS)")
-    p.add_argument("--parallel", type=positive_int, default=None,
+    p.add_argument("--tasks", type=envs.positive_int, default=None, help="number of training tasks (default: ENVS)")
+    p.add_argument("--steps", type=envs.positive_int, default=None, help="env steps per task (default: ENVS)")
+    p.add_argument("--parallel", type=envs.positive_int, default=None,
                    help="train at most this many tasks at a time (default: all on a GPU; on a CPU as "
                         "many as stay cache-friendly, e.g. 24 for 256-unit nets)")
     p.add_argument("--seed", type=int, default=0, help="seeds the training tasks, envs and networks")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--threads", type=positive_int, default=None,
+    p.add_argument("--threads", type=envs.positive_int, default=None,
                    help="torch CPU threads (default: torch's, one per core; use 1 per job when "
                         "running several jobs at once)")
     p.add_argument("--out", default=None, help=f"output directory (default: data/ENV/{algo})")
-    p.add_argument("--n-envs", type=positive_int, default=5, help="parallel envs per task")
+    p.add_argument("--n-envs", type=envs.positive_int, default=5, help="parallel envs per task")
     p.add_argument("--gamma", type=float, default=0.99)
     return p
 
@@ -299,21 +299,14 @@ def build_parser(algo, description):
     """The off-policy scripts' command line (sac.py, droq.py): Appendix A's defaults."""
     p = base_parser(algo, description)
     p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--batch-size", type=positive_int, default=256)
+    p.add_argument("--batch-size", type=envs.positive_int, default=256)
     p.add_argument("--warmup", type=int, default=400, help="random-action steps per task before learning")
-    p.add_argument("--buffer-size", type=positive_int, default=1_000_000)
+    p.add_argument("--buffer-size", type=envs.positive_int, default=1_000_000)
     p.add_argument("--tau", type=float, default=0.005, help="Polyak averaging rate of the target critics")
     p.add_argument("--alpha-init", type=float, default=1.0, help="initial entropy weight")
-    p.add_argument("--hidden", type=positive_int, default=256, help="units in each of the 2 hidden layers")
-    p.add_argument("--gradient-steps", type=positive_int, default=1, help="updates per vector env step")
+    p.add_argument("--hidden", type=envs.positive_int, default=256, help="units in each of the 2 hidden layers")
+    p.add_argument("--gradient-steps", type=envs.positive_int, default=1, help="updates per vector env step")
     return p
-
-
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
 def parse_args(parser, argv=None, algo="sac"):
