@@ -248,9 +248,10 @@ def lr_at(it, total, args):
 
 def make_optimizer(model, args):
     """AdamW; no weight decay on biases, norms, A_log and D (as in the Mamba reference)."""
+    def decays(p):
+        return p.dim() >= 2 and not getattr(p, "_no_weight_decay", False)
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2 and not getattr(p, "_no_weight_decay", False)]
-    no_decay = [p for p in params if not (p.dim() >= 2 and not getattr(p, "_no_weight_decay", False))]
+    decay, no_decay = [p for p in params if decays(p)], [p for p in params if not decays(p)]
     return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
 
