@@ -15,7 +15,8 @@ h_t = a_t * h_{t-1} + b_t step by step. Three paths, one semantics:
   "torch"  the CPU path: the linear recurrence as an autograd Function whose backward is the reverse
            recurrence (below), so autograd sees one node instead of L; no log-space / cumulative-product
            closed forms (they divide by products of decays, which underflow);
-  "triton" the fused GPU kernel (next step of the project), picked by backend="auto" on CUDA.
+  "triton" the fused GPU kernel (Triton, forward and backward, below), picked by backend="auto" for CUDA
+           tensors; on a CPU it runs only under Triton's interpreter (TRITON_INTERPRET=1: the tests).
 
 `Mamba` stacks residual blocks (RMSNorm -> MambaBlock) between an input and an output projection.
 `forward` reads a whole sequence; `init_state`/`step` read it one token at a time with O(1) time and
@@ -25,37 +26,51 @@ memory per token (a conv window and the SSM state h per layer) and reproduce `fo
     python bench.py scan                                  # the backends side by side
 """
 import math
+import types
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-BACKENDS = ("auto", "ref", "torch")
+try:
+    import triton
+    import triton.language as tl
+    jit = triton.jit
+except ImportError:  # no Triton wheel (e.g. macOS): the kernels below are defined but never launched
+    triton, tl, jit = None, types.SimpleNamespace(constexpr=None), (lambda fn: fn)
+
+BACKENDS = ("auto", "ref", "torch", "triton")
 
 
 # ----------------------------------------------------------------------------- the selective scan
 
-def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, backend="auto"):
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, backend="auto",
+                   return_last_state=False):
     """The S6 scan with the reference implementation's shapes:
     u, delta, z [batch, dim, L]; A [dim, N]; B, C [batch, N, L]; D, delta_bias [dim] -> y [batch, dim, L].
-    delta <- softplus(delta + delta_bias) when asked; y = (scan + D * u) * silu(z). Computed in fp32."""
+    delta <- softplus(delta + delta_bias) when asked; y = (scan + D * u) * silu(z). Computed in fp32,
+    returned in u's dtype. return_last_state=True returns (y, h_{L-1} [batch, dim, N] in fp32) for a
+    recurrent hand-off to `step`; only "ref" differentiates through that last state."""
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
-    if backend == "auto":
-        backend = "torch"  # the place where CUDA tensors will go to the Triton kernel
+    if backend == "auto":  # the fused kernel wherever it can run, the CPU loop elsewhere
+        backend = "triton" if u.is_cuda and triton is not None else "torch"
     if backend not in BACKENDS:
         raise ValueError(f"unknown selective_scan backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+    if backend == "triton":  # bias, softplus, D and the gate are fused into the kernel
+        y, last_state = _scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        return (y, last_state) if return_last_state else y
     dtype = u.dtype
     u, delta, A, B, C = (t.float() for t in (u, delta, A, B, C))
     if delta_bias is not None:
         delta = delta + delta_bias.float()[:, None]
     if delta_softplus:
         delta = F.softplus(delta)
-    y = (_scan_ref if backend == "ref" else _scan_torch)(u, delta, A, B, C)
+    y, last_state = (_scan_ref if backend == "ref" else SelectiveScanFn.apply)(u, delta, A, B, C)
     if D is not None:
         y = y + D.float()[:, None] * u
     if z is not None:
         y = y * F.silu(z.float())
-    return y.to(dtype)
+    return (y.to(dtype), last_state) if return_last_state else y.to(dtype)
 
 
 def _check_shapes(u, delta, A, B, C, D, z, delta_bias):
@@ -79,11 +94,7 @@ def _scan_ref(u, delta, A, B, C):
     for t in range(L):
         h = torch.exp(delta[:, :, t, None] * A) * h + (delta[:, :, t] * u[:, :, t])[..., None] * B[:, None, :, t]
         ys.append((h * C[:, None, :, t]).sum(-1))
-    return torch.stack(ys, dim=-1)
-
-
-def _scan_torch(u, delta, A, B, C):
-    return SelectiveScanFn.apply(u, delta, A, B, C)
+    return torch.stack(ys, dim=-1), h
 
 
 class SelectiveScanFn(torch.autograd.Function):
@@ -111,10 +122,12 @@ class SelectiveScanFn(torch.autograd.Function):
             h = torch.exp(delta_t[t] * A, out=hs[t]).mul_(h).addcmul_(delta_u[t], B_t[t])
         y = torch.matmul(hs, C.permute(2, 0, 1)[..., None]).squeeze(-1)   # [L, batch, dim]
         ctx.save_for_backward(u, delta, A, B, C, hs)
-        return y.permute(1, 2, 0)
+        last_state = hs[-1].clone()                                   # for return_last_state; no gradient
+        ctx.mark_non_differentiable(last_state)
+        return y.permute(1, 2, 0), last_state
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, dy, _):
         u, delta, A, B, C, hs = ctx.saved_tensors
         L = u.shape[-1]
         dy_t = dy.permute(2, 0, 1)[..., None]                          # [L, batch, dim, 1]
@@ -140,6 +153,255 @@ class SelectiveScanFn(torch.autograd.Function):
         d_delta_u, d_delta_A = d_delta_u[..., 0].permute(1, 2, 0), d_delta_A[..., 0].permute(1, 2, 0)
         return (d_delta_u * delta, d_delta_u * u + d_delta_A, dA.sum(0),
                 dB[:, :, 0].permute(1, 2, 0), dC[:, :, 0].permute(1, 2, 0))
+
+
+# ----------------------------------------------------------------------------- the Triton kernels (GPU)
+#
+# One program owns one batch row b and a block of BLOCK_D channels, and walks the sequence in chunks of
+# CHUNK time steps. Per chunk it loads [BLOCK_D, CHUNK] tiles of delta, u (and z, dy), contiguous along
+# time (the last axis of the [batch, dim, L] layout, so the loads coalesce), then loops over the state
+# index n: for one n the recurrence h_t = a_t h_{t-1} + b_t of all BLOCK_D channels is an element-wise
+# affine map per step, and affine maps compose associatively,
+#     (a1, b1) then (a2, b2) = (a1 a2, a2 b1 + b2),
+# so a chunk is one tl.associative_scan along time, seeded with the state carried in from the previous
+# chunk (b at the chunk's first step += a * h_carry). The carried state [BLOCK_D, N] stays in fp32
+# registers; between chunks the only sequential dependence is that carry. Loads and arithmetic are fp32
+# whatever the input dtype (bf16 inputs are upcast on load, outputs cast back on store).
+#
+# Backward, per channel and state, with g_t = dLoss/dh_t (every path through later steps counted):
+#     g_t = C_t dy_t + a_{t+1} g_{t+1}                the same recurrence, run backwards (reverse scan)
+#     du_t     = delta_t sum_n g_t B_t + D dy_t       ddelta_t = u_t sum_n g_t B_t + sum_n A g_t a_t h_{t-1}
+#     dA       = sum_t g_t a_t h_{t-1} delta_t        dB_t = sum_d g_t delta_t u_t,   dC_t = sum_d dy_t h_t
+# with a_t h_{t-1} = h_t - b_t (no shifted copy of h needed), dy = dout silu(z) and
+# dz = dout y silu'(z), dD = sum dy u, and through softplus ddelta_raw = ddelta sigmoid(delta_raw + bias).
+# The backward needs every h_t, but storing them is a [batch, dim, L, N] tensor (N = 16 times the
+# input: 3.2 GB at batch 8, dim 1536, L 4096). So the forward saves only the state at the end of each
+# chunk ([batch, dim, L / CHUNK, N]), and the backward, walking the chunks in reverse, recomputes the
+# chunk's h from the saved state before it: one more scan per chunk, far cheaper than the memory traffic.
+# dB and dC sum over channels, which several programs own: each program writes its partial sums to
+# [batch, channel blocks, N, L] buffers, summed afterwards in torch (deterministic, no atomics).
+
+FWD_BLOCK_D, BWD_BLOCK_D, CHUNK = 16, 16, 64  # untuned (no GPU was at hand); tiles of 1,024 fp32 values
+
+
+@jit
+def _affine_combine(a1, b1, a2, b2):
+    """Compose two steps h -> a h + b: first (a1, b1), then (a2, b2)."""
+    return a1 * a2, a2 * b1 + b2
+
+
+@jit
+def _column(H, offs_n, n):
+    """H[:, n] of a register tile (registers cannot be indexed by a runtime n: mask and sum instead)."""
+    return tl.sum(tl.where(offs_n[None, :] == n, H, 0.0), axis=1)
+
+
+@jit
+def _load_delta(delta_ptr, bias, offs, mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """delta tile after bias and softplus (zero where masked: a = 1, b = 0, a step that changes nothing),
+    and d delta / d delta_raw."""
+    x = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        x += bias[:, None]
+    slope = tl.full(x.shape, 1.0, tl.float32)
+    if SOFTPLUS:  # softplus(x) = log(1 + e^x), = x above 20 as in F.softplus; its slope is sigmoid(x)
+        slope = tl.sigmoid(x)
+        x = tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(x)))
+    return tl.where(mask, x, 0.0), slope
+
+
+@jit
+def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, states_ptr,
+                     dim, L, N, n_chunks,
+                     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
+    b, block = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    offs_d = block * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n, offs_k = tl.arange(0, BLOCK_N), tl.arange(0, CHUNK)
+    mask_d = offs_d < dim
+    first = offs_k[None, :] == 0
+    last = offs_k[None, :] == CHUNK - 1
+    rows = b * dim * L + offs_d[:, None] * L                           # u, delta, z, out: [batch, dim, L]
+    BC_row = b * N * L                                                 # B, C: [batch, N, L]
+    D = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_D else 0.0
+    bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
+    h_carry = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)                 # h at the end of the previous chunk
+    for c in range(n_chunks):
+        offs_t = c * CHUNK + offs_k
+        mask_t = offs_t < L
+        mask = mask_d[:, None] & mask_t[None, :]
+        delta, _ = _load_delta(delta_ptr, bias, rows + offs_t[None, :], mask, HAS_BIAS, SOFTPLUS)
+        u = tl.load(u_ptr + rows + offs_t[None, :], mask=mask, other=0.0).to(tl.float32)
+        delta_u = delta * u
+        y = tl.zeros((BLOCK_D, CHUNK), tl.float32)
+        for n in range(N):
+            A_n = tl.load(A_ptr + offs_d * N + n, mask=mask_d, other=0.0).to(tl.float32)
+            B_n = tl.load(B_ptr + BC_row + n * L + offs_t, mask=mask_t, other=0.0).to(tl.float32)
+            C_n = tl.load(C_ptr + BC_row + n * L + offs_t, mask=mask_t, other=0.0).to(tl.float32)
+            a = tl.exp(delta * A_n[:, None])
+            x = delta_u * B_n[None, :]
+            x = tl.where(first, x + a * _column(h_carry, offs_n, n)[:, None], x)   # seed with the carry
+            _, h = tl.associative_scan((a, x), 1, _affine_combine)
+            y += h * C_n[None, :]
+            h_last = tl.sum(tl.where(last, h, 0.0), axis=1)            # masked tail steps keep h as it is
+            h_carry = tl.where(offs_n[None, :] == n, h_last[:, None], h_carry)
+        state_offs = ((b * dim + offs_d[:, None]) * n_chunks + c) * N + offs_n[None, :]
+        tl.store(states_ptr + state_offs, h_carry, mask=mask_d[:, None] & (offs_n[None, :] < N))
+        if HAS_D:
+            y += D[:, None] * u
+        if HAS_Z:
+            z = tl.load(z_ptr + rows + offs_t[None, :], mask=mask, other=0.0).to(tl.float32)
+            y *= z * tl.sigmoid(z)
+        tl.store(out_ptr + rows + offs_t[None, :], y, mask=mask)
+
+
+@jit
+def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, states_ptr,
+                     du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
+                     dim, L, N, n_chunks,
+                     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
+    b, block = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    offs_d = block * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n, offs_k = tl.arange(0, BLOCK_N), tl.arange(0, CHUNK)
+    mask_d = offs_d < dim
+    mask_dn = mask_d[:, None] & (offs_n[None, :] < N)
+    first = offs_k[None, :] == 0
+    last = offs_k[None, :] == CHUNK - 1
+    rows = b * dim * L + offs_d[:, None] * L
+    BC_row = b * N * L
+    partial_row = (b * tl.num_programs(1) + block) * N * L             # dB, dC partials: [batch, blocks, N, L]
+    D = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_D else 0.0
+    bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
+    g_carry = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)                 # g at the first step of the next chunk
+    dA = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    dD = tl.zeros((BLOCK_D,), tl.float32)
+    dbias = tl.zeros((BLOCK_D,), tl.float32)
+    for i in range(n_chunks):
+        c = n_chunks - 1 - i
+        offs_t = c * CHUNK + offs_k
+        mask = mask_d[:, None] & (offs_t < L)[None, :]
+        mask_next = mask_d[:, None] & (offs_t + 1 < L)[None, :]
+        delta, slope = _load_delta(delta_ptr, bias, rows + offs_t[None, :], mask, HAS_BIAS, SOFTPLUS)
+        delta_next, _ = _load_delta(delta_ptr, bias, rows + offs_t[None, :] + 1, mask_next, HAS_BIAS, SOFTPLUS)
+        u = tl.load(u_ptr + rows + offs_t[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dout_ptr + rows + offs_t[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_Z:
+            z = tl.load(z_ptr + rows + offs_t[None, :], mask=mask, other=0.0).to(tl.float32)
+            dout, sig_z = dy, tl.sigmoid(z)
+            dy = dout * z * sig_z                                      # d(out)/d(y) = silu(z)
+        h_carry = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)             # h before the chunk: saved, or h_{-1} = 0
+        if c > 0:
+            state_offs = ((b * dim + offs_d[:, None]) * n_chunks + c - 1) * N + offs_n[None, :]
+            h_carry = tl.load(states_ptr + state_offs, mask=mask_dn, other=0.0)
+        delta_u = delta * u
+        y = tl.zeros((BLOCK_D, CHUNK), tl.float32)
+        d_delta_u = tl.zeros((BLOCK_D, CHUNK), tl.float32)             # sum_n g B
+        ddelta_A = tl.zeros((BLOCK_D, CHUNK), tl.float32)              # sum_n A g a h_{t-1}
+        for n in range(N):
+            A_n = tl.load(A_ptr + offs_d * N + n, mask=mask_d, other=0.0).to(tl.float32)
+            B_n = tl.load(B_ptr + BC_row + n * L + offs_t, mask=offs_t < L, other=0.0).to(tl.float32)
+            C_n = tl.load(C_ptr + BC_row + n * L + offs_t, mask=offs_t < L, other=0.0).to(tl.float32)
+            # recompute this chunk's states from the saved one, exactly as the forward did
+            a = tl.exp(delta * A_n[:, None])
+            x = delta_u * B_n[None, :]
+            seeded = tl.where(first, x + a * _column(h_carry, offs_n, n)[:, None], x)
+            _, h = tl.associative_scan((a, seeded), 1, _affine_combine)
+            y += h * C_n[None, :]
+            # g_t = C_t dy_t + a_{t+1} g_{t+1}; the chunk's last step reaches g_carry through a_{t+1}
+            a_next = tl.exp(delta_next * A_n[:, None])
+            Cdy = dy * C_n[None, :]
+            Cdy = tl.where(last, Cdy + a_next * _column(g_carry, offs_n, n)[:, None], Cdy)
+            _, g = tl.associative_scan((a_next, Cdy), 1, _affine_combine, reverse=True)
+            g_first = tl.sum(tl.where(first, g, 0.0), axis=1)
+            g_carry = tl.where(offs_n[None, :] == n, g_first[:, None], g_carry)
+            gah = g * (h - x)                                          # g_t a_t h_{t-1}
+            ddelta_A += gah * A_n[:, None]
+            dA = tl.where(offs_n[None, :] == n, dA + tl.sum(gah * delta, axis=1)[:, None], dA)
+            d_delta_u += g * B_n[None, :]
+            tl.store(dB_ptr + partial_row + n * L + offs_t, tl.sum(g * delta_u, axis=0), mask=offs_t < L)
+            tl.store(dC_ptr + partial_row + n * L + offs_t, tl.sum(h * dy, axis=0), mask=offs_t < L)
+        du = d_delta_u * delta
+        if HAS_D:
+            y += D[:, None] * u
+            du += D[:, None] * dy
+            dD += tl.sum(dy * u, axis=1)
+        if HAS_Z:  # silu'(z) = sigmoid(z) (1 + z (1 - sigmoid(z)))
+            tl.store(dz_ptr + rows + offs_t[None, :], dout * y * sig_z * (1.0 + z * (1.0 - sig_z)), mask=mask)
+        ddelta = (d_delta_u * u + ddelta_A) * slope                    # w.r.t. the raw delta
+        dbias += tl.sum(tl.where(mask, ddelta, 0.0), axis=1)
+        tl.store(du_ptr + rows + offs_t[None, :], du, mask=mask)
+        tl.store(ddelta_ptr + rows + offs_t[None, :], ddelta, mask=mask)
+    dA_offs = (b * dim + offs_d[:, None]) * N + offs_n[None, :]        # per batch row: [batch, dim, N]
+    tl.store(dA_ptr + dA_offs, dA, mask=mask_dn)
+    tl.store(dD_ptr + b * dim + offs_d, dD, mask=mask_d)
+    tl.store(dbias_ptr + b * dim + offs_d, dbias, mask=mask_d)
+
+
+def _scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    if triton is None:
+        raise RuntimeError("selective_scan backend 'triton' needs the triton package; use backend='torch'")
+    if not u.is_cuda and not _INTERPRETED:
+        raise ValueError(f"selective_scan backend 'triton' runs on CUDA tensors (got {u.device}); use "
+                         "backend='torch' on a CPU, or set TRITON_INTERPRET=1 before importing mamba (slow; tests)")
+    return TritonScanFn.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+
+class TritonScanFn(torch.autograd.Function):
+    """The two kernels as one autograd node. Inputs are made contiguous ([batch, dim, L] with time
+    innermost); a missing D / z / delta_bias is passed as a dummy pointer that the kernel never reads."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+        u, delta, A, B, C = (t.contiguous() for t in (u, delta, A, B, C))
+        D, z, delta_bias = (None if t is None else t.contiguous() for t in (D, z, delta_bias))
+        batch, dim, L = u.shape
+        N, chunk = A.shape[1], _chunk(L)
+        n_chunks = triton.cdiv(L, chunk)
+        out = torch.empty_like(u)
+        states = u.new_empty(batch, dim, n_chunks, N, dtype=torch.float32)   # h at the end of each chunk
+        block_d = min(FWD_BLOCK_D, triton.next_power_of_2(dim))
+        _scan_fwd_kernel[(batch, triton.cdiv(dim, block_d))](
+            u, delta, A, B, C, _or(D, u), _or(z, u), _or(delta_bias, u), out, states, dim, L, N, n_chunks,
+            D is not None, z is not None, delta_bias is not None, bool(delta_softplus),
+            BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(N), CHUNK=chunk)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states)
+        ctx.delta_softplus = bool(delta_softplus)
+        last_state = states[:, :, -1].clone()
+        ctx.mark_non_differentiable(last_state)
+        return out, last_state
+
+    @staticmethod
+    def backward(ctx, dout, _):
+        u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
+        batch, dim, L = u.shape
+        N, chunk, n_chunks = A.shape[1], _chunk(L), states.shape[2]
+        block_d = min(BWD_BLOCK_D, triton.next_power_of_2(dim))
+        n_blocks = triton.cdiv(dim, block_d)
+        du, ddelta, dz = torch.empty_like(u), torch.empty_like(delta), torch.empty_like(_or(z, u))
+        f32 = dict(device=u.device, dtype=torch.float32)
+        dA, dD, dbias = torch.empty(batch, dim, N, **f32), *torch.empty(2, batch, dim, **f32)
+        dB, dC = torch.empty(batch, n_blocks, N, L, **f32), torch.empty(batch, n_blocks, N, L, **f32)
+        _scan_bwd_kernel[(batch, n_blocks)](
+            u, delta, A, B, C, _or(D, u), _or(z, u), _or(delta_bias, u), dout.contiguous(), states,
+            du, ddelta, dz, dA, dB, dC, dD, dbias, dim, L, N, n_chunks,
+            D is not None, z is not None, delta_bias is not None, ctx.delta_softplus,
+            BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(N), CHUNK=chunk)
+        return (du, ddelta, dA.sum(0).to(A.dtype), dB.sum(1).to(B.dtype), dC.sum(1).to(C.dtype),
+                None if D is None else dD.sum(0).to(D.dtype), None if z is None else dz,
+                None if delta_bias is None else dbias.sum(0).to(delta_bias.dtype), None)
+
+
+def _chunk(L):
+    """Time steps per chunk: CHUNK, or less for short sequences (the interpreter pays for every padded step)."""
+    return min(CHUNK, max(16, triton.next_power_of_2(L)))
+
+
+def _or(tensor, dummy):
+    return dummy if tensor is None else tensor
+
+
+_INTERPRETED = type(_scan_fwd_kernel).__name__ == "InterpretedFunction"  # TRITON_INTERPRET=1 when defined
 
 
 # ----------------------------------------------------------------------------- the Mamba block
