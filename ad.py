@@ -36,8 +36,9 @@ from tqdm import tqdm
 
 import envs
 import mamba
+import transformer
 
-ARCHS = ("mamba",)
+ARCHS = ("mamba", "transformer")
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 1.0
 
 
@@ -140,7 +141,41 @@ def build_model(config):
     if config["arch"] == "mamba":
         return mamba.Mamba(config["d_in"], config["d_out"], config["d_model"], config["n_layer"],
                            d_state=config["d_state"])
+    if config["arch"] == "transformer":
+        return transformer.Transformer(config["d_in"], config["d_out"], config["d_model"], config["n_layer"],
+                                       n_head=config["n_head"], max_len=config["max_len"], d_ff=config["d_ff"])
     raise DataError(f"unknown arch {config['arch']!r}; this version knows: {', '.join(ARCHS)}")
+
+
+def arch_config(arch, sizes, d_in, d_out, max_len):
+    """A checkpoint's model config from sizes {d_model, n_layer, d_state | n_head, d_ff}. A transformer's
+    position table is as long as its training context (max_len); Mamba has no such limit."""
+    config = {"arch": arch, "d_in": d_in, "d_out": d_out, "d_model": sizes["d_model"], "n_layer": sizes["n_layer"]}
+    if arch == "mamba":
+        return {**config, "d_state": sizes["d_state"]}
+    return {**config, "n_head": sizes["n_head"], "d_ff": sizes["d_ff"], "max_len": max_len}
+
+
+def count_params(config):
+    with torch.device("meta"):  # shapes only: nothing is allocated or initialised for real
+        return sum(p.numel() for p in build_model(config).parameters())
+
+
+def match_params(config, target):
+    """The config with the d_model (a multiple of n_head for a transformer) whose parameter count is
+    closest to target: the paper compares archs "with the same number of parameters" (Appendix B)."""
+    step = config.get("n_head", 1)
+
+    def count(width):
+        return count_params({**config, "d_model": width * step})
+    lo, hi = 1, 1
+    while count(hi) < target:  # the count grows with the width: double, then bisect
+        lo, hi = hi, hi * 2
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if count(mid) < target else (lo, mid)
+    best = min((w for w in (lo - 1, lo) if w >= 1), key=lambda w: abs(count(w) - target))
+    return {**config, "d_model": best * step}
 
 
 def policy_head(out, loss):
@@ -303,13 +338,21 @@ def prepare(args):
     train, held = streams(slice(0, n_train)), streams(slice(n_train, n_tasks))
     curve, final = source_curve(data["returns"], args.k)
     obs_dim, act_dim = data["obs"].shape[-1], data["act"].shape[-1]
-    model_config = {"arch": args.arch, "d_in": tokens.shape[-1], "d_out": act_dim * (2 if args.loss == "nll" else 1),
-                    "d_model": args.d_model, "n_layer": args.n_layer, "d_state": args.d_state}
+    shape = dict(d_in=tokens.shape[-1], d_out=act_dim * (2 if args.loss == "nll" else 1),
+                 max_len=L if args.context == "full" else args.context)
+    config = arch_config(args.arch, vars(args), **shape)
+    other = "transformer" if args.arch == "mamba" else "mamba"
+    other_config = arch_config(other, {**getattr(settings, other), "d_state": args.d_state}, **shape)
+    if args.params:
+        config = match_params(config, args.params)
+    print(f"AD-{args.arch} {config['d_model']}x{config['n_layer']}: {count_params(config):,} parameters; "
+          f"AD-{other} at this env's size {other_config['d_model']}x{other_config['n_layer']}: "
+          f"{count_params(other_config):,} (--params N picks the --d-model that gives about N)")
     meta = {"env": args.env, "algo": data["algo"], "data": os.path.abspath(data_dir), "n_tasks": n_tasks,
             "holdout_tasks": n_holdout, "k": args.k, "episodes": L // settings.horizon,
             "horizon": settings.horizon, "obs_dim": obs_dim, "act_dim": act_dim, "loss": args.loss,
             "context": args.context, "stats": stats, "source_curve": curve, "source_final": final}
-    return train, held, model_config, meta
+    return train, held, config, meta
 
 
 RUN_KEYS = ("env", "algo", "data", "k", "loss", "context")  # what a --resume must share with the old run
@@ -435,6 +478,10 @@ def build_parser():
     p.add_argument("--d-model", type=envs.positive_int, default=None, help="model width (default: envs.ENVS)")
     p.add_argument("--n-layer", type=envs.positive_int, default=None, help="layers (default: envs.ENVS)")
     p.add_argument("--d-state", type=envs.positive_int, default=16, help="Mamba's SSM state size N")
+    p.add_argument("--n-head", type=envs.positive_int, default=None, help="transformer heads (default: envs.ENVS)")
+    p.add_argument("--d-ff", type=envs.positive_int, default=None, help="transformer MLP width (default: envs.ENVS)")
+    p.add_argument("--params", type=envs.positive_int, default=None,
+                   help="pick --d-model so that the model has about this many parameters (to match archs)")
     p.add_argument("--epochs", type=envs.positive_int, default=450, help="passes over the training tokens (App. B)")
     p.add_argument("--batch-size", type=envs.positive_int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -461,8 +508,11 @@ def parse_args(argv=None):
     parser.set_defaults(**settings.ad)
     args = parser.parse_args(argv)
     args.k = args.k or settings.k
-    args.d_model = args.d_model or settings.mamba["d_model"]
-    args.n_layer = args.n_layer or settings.mamba["n_layer"]
+    sizes = getattr(settings, args.arch)
+    args.d_model = args.d_model or sizes["d_model"]
+    args.n_layer = args.n_layer or sizes["n_layer"]
+    args.n_head = args.n_head or settings.transformer["n_head"]
+    args.d_ff = args.d_ff or settings.transformer["d_ff"]
     args.weight_decay = settings.weight_decay if args.weight_decay is None else args.weight_decay
     args.device = resolve_device(args.device)
     return args

@@ -11,6 +11,11 @@ state), all tasks batched in one model call per step (ad.rollout). It writes
 The summary's score normalises the mean return of the last 5 episodes: 0 = random policy, 1 = the source
 algorithm's final return.
 
+Several checkpoints make one comparison (the paper's Figure 1: Mamba vs transformer; Figure 2: context
+lengths). Runs that differ only in their training seed form one group: one curve, the mean over seeds,
+shaded by the spread across seeds (a group of one run: the spread across tasks). The table of final
+scores (mean and std over seeds, every seed's score) is printed and written to scores.md.
+
     python evaluate.py                                    # out/reacher_goal/mamba
     python evaluate.py out/point_goal/mamba --act mean
     python evaluate.py out/a out/b --out out/compare      # several checkpoints -> one comparison plot
@@ -47,25 +52,57 @@ def evaluate(directory, args):
                                                      meta["source_final"]).tolist(),
                "source_final": meta["source_final"], "zero_action": zero, "random_policy": random}
     return {"checkpoint": os.path.abspath(directory), "env": meta["env"], "arch": ckpt["model_config"]["arch"],
-            "model_config": ckpt["model_config"], "trained_updates": ckpt["iter"], "algo": meta["algo"],
+            "model_config": ckpt["model_config"], "params": sum(p.numel() for p in model.parameters()),
+            "train_seed": ckpt["args"]["seed"], "trained_updates": ckpt["iter"], "algo": meta["algo"],
             "k": meta["k"], "context": meta["context"], "loss": meta["loss"], "act": args.act,
             "seeds": args.seeds, "tasks": tasks.tolist(), "returns": returns.tolist(),
             "source_curve": meta["source_curve"], "summary": summary}
 
 
-def label(result, directory):
-    return f"AD-{result['arch']} ({os.path.normpath(directory)})"
+def label(result):
+    """What a group of runs shares: arch, size and context (not the seed)."""
+    config = result["model_config"]
+    context = "full streams" if result["context"] == "full" else f"{result['context']} tokens"
+    return (f"AD-{result['arch']} {config['d_model']}x{config['n_layer']} ({result['params'] / 1e3:.0f}k params), "
+            f"context {context}")
 
 
-def plot(results, directories, png_path):
-    """In-context curves of every checkpoint, the source algorithm's learning curve and the baselines."""
+def group_runs(results):
+    """{label: [results]}, in the order of first appearance; runs in one group differ only in their seed."""
+    groups = {}
+    for result in results:
+        groups.setdefault(label(result), []).append(result)
+    for name, runs in groups.items():
+        seeds = [r["train_seed"] for r in runs]
+        if len(set(seeds)) < len(seeds):
+            raise ValueError(f"two checkpoints of '{name}' share training seed {seeds}: nothing tells them apart")
+    return groups
+
+
+def score_table(groups):
+    """Markdown table of the final normalised scores per group: mean, std over training seeds, each seed."""
+    rows = ["| model | runs (seeds) | first episode | last 5 episodes | score: mean ± std over seeds | per seed |",
+            "|---|---|---|---|---|---|"]
+    for name, runs in groups.items():
+        scores = np.array([r["summary"]["score_last5"] for r in runs])
+        first, last5 = (np.mean([r["summary"][key] for r in runs]) for key in ("first_episode", "last5"))
+        rows.append(f"| {name} | {len(runs)} ({', '.join(str(r['train_seed']) for r in runs)}) | {first:.2f} | "
+                    f"{last5:.2f} | {scores.mean():.2f} ± {scores.std():.2f} | "
+                    f"{', '.join(f'{s:.2f}' for s in scores)} |")
+    return "\n".join(rows)
+
+
+def plot(groups, png_path):
+    """In-context curve of every group, the source algorithm's learning curve and the baselines."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for result, directory in zip(results, directories):
-        per_task = np.asarray(result["returns"]).mean(1)                  # [tasks, episodes]
-        x = np.arange(per_task.shape[1])
-        mean, std = per_task.mean(0), per_task.std(0)
-        line, = ax.plot(x, mean, label=label(result, directory))
+    for name, runs in groups.items():
+        per_task = np.stack([np.asarray(r["returns"]).mean(1) for r in runs])   # [runs, tasks, episodes]
+        mean = per_task.mean((0, 1))
+        std = per_task.mean(1).std(0) if len(runs) > 1 else per_task[0].std(0)
+        x = np.arange(len(mean))
+        line, = ax.plot(x, mean, label=name + (f", {len(runs)} seeds" if len(runs) > 1 else ""))
         ax.fill_between(x, mean - std, mean + std, alpha=0.2, color=line.get_color())
+    results = [run for runs in groups.values() for run in runs]
     first = results[0]
     source = first["source_curve"]
     ax.plot(np.arange(len(source)), source, "k--",
@@ -109,21 +146,27 @@ def main(argv=None):
         if len({r["env"] for r in results}) > 1:
             raise ValueError(f"checkpoints of different envs ({', '.join(r['env'] for r in results)}) "
                              f"cannot share one plot")
+        groups = group_runs(results)
         out = args.out or (args.checkpoints[0] if len(args.checkpoints) == 1 else os.path.join("out", "compare"))
         out = os.path.dirname(out) if out.endswith(".pt") else out
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "eval.json"), "w") as f:
             json.dump(results[0] if len(results) == 1 else results, f)
-        plot(results, args.checkpoints, os.path.join(out, "incontext.png"))
+        plot(groups, os.path.join(out, "incontext.png"))
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
     for result, directory in zip(results, args.checkpoints):
         s = result["summary"]
-        print(f"{label(result, directory)} on {len(result['tasks'])} test tasks x {args.seeds} seeds, "
-              f"actions {args.act}: first episode {s['first_episode']:.2f} -> last 5 {s['last5']:.2f}; "
-              f"score {s['score_last5']:.2f} (random {s['random_policy']:.2f} = 0, "
-              f"{result['algo']} final {s['source_final']:.2f} = 1; zero action {s['zero_action']:.2f})")
-    print(f"wrote {out}/eval.json and {out}/incontext.png")
+        print(f"{os.path.normpath(directory)}: {label(result)}, seed {result['train_seed']}, on "
+              f"{len(result['tasks'])} test tasks x {args.seeds} seeds, actions {args.act}: first episode "
+              f"{s['first_episode']:.2f} -> last 5 {s['last5']:.2f}; score {s['score_last5']:.2f} (random "
+              f"{s['random_policy']:.2f} = 0, {result['algo']} final {s['source_final']:.2f} = 1; zero action "
+              f"{s['zero_action']:.2f})")
+    table = score_table(groups)
+    with open(os.path.join(out, "scores.md"), "w") as f:
+        f.write(table + "\n")
+    print(table)
+    print(f"wrote {out}/eval.json, {out}/incontext.png and {out}/scores.md")
 
 
 if __name__ == "__main__":
