@@ -11,6 +11,12 @@ import pytest
 import torch
 from gymnasium.utils.env_checker import check_env
 
+if not torch.cuda.is_available():
+    # Without a GPU the Triton kernels run in Triton's interpreter (numpy, on CPU tensors). Triton reads
+    # TRITON_INTERPRET when @triton.jit wraps a function, i.e. when mamba.py is imported just below, so it
+    # is set here, before that import, for this process (and the scripts the tests start) only.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import ad
 import droq
 import envs
@@ -437,19 +443,26 @@ def _scan_inputs(batch, dim, L, N, seed=0):
 ])
 def test_selective_scan_torch_equals_ref(shape, options):
     """The fast CPU path and the sequential oracle agree on outputs and every input gradient."""
+    results = _scan_outputs_and_grads(shape, options, ("ref", "torch"))
+    for ref, fast in zip(results["ref"], results["torch"]):
+        torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
+
+
+def _scan_outputs_and_grads(shape, options, backends, device="cpu", dtype=torch.float32):
+    """{backend: [y, then the gradient of every input in name order]} for a fixed non-uniform loss.
+    options picks the optional inputs (D, z, delta_bias) and softplus (without it delta is made positive)."""
     inputs = _scan_inputs(*shape)
     kwargs = {key: inputs.pop(key) if key in options else (inputs.pop(key), None)[1]
               for key in ("D", "z", "delta_bias")}
     kwargs["delta"] = inputs["delta"] if "softplus" in options else inputs["delta"].abs()
     results = {}
-    for backend in ("ref", "torch"):
-        leaves = {key: value.clone().requires_grad_() for key, value in {**inputs, **kwargs}.items()
-                  if value is not None}
+    for backend in backends:
+        leaves = {key: value.to(device, dtype if value.dim() == 3 else torch.float32).clone().requires_grad_()
+                  for key, value in {**inputs, **kwargs}.items() if value is not None}
         y = mamba.selective_scan(**leaves, delta_softplus="softplus" in options, backend=backend)
-        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        (y.float() * torch.linspace(-1, 1, y.numel(), device=device).view_as(y)).sum().backward()
         results[backend] = [y.detach()] + [leaves[key].grad for key in sorted(leaves)]
-    for ref, fast in zip(results["ref"], results["torch"]):
-        torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
+    return results
 
 
 def test_selective_scan_rejects_bad_shapes():
@@ -606,3 +619,74 @@ def test_ad_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         evaluate.main([str(tmp_path / "bad.pt")])
     assert "not a checkpoint written by ad.py" in str(e.value.code)
+
+
+# ----------------------------------------------------------------------------- mamba.py: the Triton kernels
+# On a CPU these run in Triton's interpreter (TRITON_INTERPRET=1, set at the top of this file), which is
+# slow (the generic associative scan calls the combine function once per element): tiny shapes only.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("shape, options, chunk", [
+    ((2, 5, 37, 4), {"D", "z", "delta_bias", "softplus"}, 16),  # 3 chunks, the last one partial; dim < block
+    ((1, 3, 70, 16), {"softplus"}, 64),                          # the default chunk: 2 chunks; N = 16
+    ((2, 17, 20, 1), {"D", "z"}, 16),                            # dim 17: a second channel block, 1 row used
+    ((1, 4, 23, 5), {"delta_bias"}, 8),                          # N = 5 padded to 8; 3 chunks
+    ((2, 3, 1, 2), {"z", "softplus"}, 64),                       # L = 1
+])
+def test_triton_scan_equals_ref(shape, options, chunk, monkeypatch):
+    """The Triton kernels and the sequential oracle agree on the output and all eight gradients."""
+    monkeypatch.setattr(mamba, "CHUNK", chunk)
+    results = _scan_outputs_and_grads(shape, options, ("ref", "triton"), device=DEVICE)
+    y_ref, *grads_ref = results["ref"]
+    y, *grads = results["triton"]
+    torch.testing.assert_close(y, y_ref, rtol=6e-4, atol=2e-3)
+    for grad, grad_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(grad, grad_ref, rtol=2e-3, atol=6e-3)
+
+
+def test_triton_scan_last_state(monkeypatch):
+    """Every backend hands over the same final state h_{L-1} [batch, dim, N], across chunk boundaries."""
+    monkeypatch.setattr(mamba, "CHUNK", 16)
+    inputs = {key: value.to(DEVICE) for key, value in _scan_inputs(2, 5, 41, 3).items()}
+    y_ref, h_ref = mamba.selective_scan(**inputs, delta_softplus=True, backend="ref", return_last_state=True)
+    for backend in ("torch", "triton"):
+        y, h = mamba.selective_scan(**inputs, delta_softplus=True, backend=backend, return_last_state=True)
+        assert h.shape == (2, 5, 3) and h.dtype == torch.float32
+        torch.testing.assert_close(y, y_ref, rtol=6e-4, atol=2e-3)
+        torch.testing.assert_close(h, h_ref, rtol=6e-4, atol=2e-3)
+
+
+def test_triton_scan_bf16_inputs():
+    """bf16 in, bf16 out (and bf16 gradients), fp32 inside: as close to the fp32 oracle as bf16 rounding allows."""
+    shape, options = (2, 5, 19, 4), {"D", "z", "delta_bias", "softplus"}
+    triton_bf16 = _scan_outputs_and_grads(shape, options, ("triton",), device=DEVICE, dtype=torch.bfloat16)
+    ref_fp32 = _scan_outputs_and_grads(shape, options, ("ref",), device=DEVICE)
+    assert triton_bf16["triton"][0].dtype == torch.bfloat16
+    for fast, ref in zip(triton_bf16["triton"], ref_fp32["ref"]):
+        assert fast.dtype == (torch.bfloat16 if fast.dim() == 3 else torch.float32)
+        torch.testing.assert_close(fast.float(), ref, rtol=5e-2, atol=1e-1)
+
+
+def test_triton_mamba_model_matches_torch():
+    """A whole (tiny) Mamba gives the same loss and parameter gradients on either scan path."""
+    torch.manual_seed(0)
+    model = mamba.Mamba(d_in=3, d_out=2, d_model=8, n_layer=2, d_state=4).to(DEVICE)
+    x = torch.randn(2, 19, 3, device=DEVICE)
+    grads = {}
+    for backend in ("torch", "triton"):
+        model.zero_grad()
+        loss = model(x, backend=backend).pow(2).mean()
+        loss.backward()
+        grads[backend] = [loss.detach()] + [p.grad.clone() for p in model.parameters()]
+    for fast, ref in zip(grads["triton"], grads["torch"]):
+        torch.testing.assert_close(fast, ref, rtol=1e-3, atol=1e-5)
+
+
+def test_triton_backend_choice_and_errors(monkeypatch):
+    inputs = _scan_inputs(1, 2, 3, 2)
+    monkeypatch.setattr(mamba, "_INTERPRETED", False)          # as on a CPU machine without the interpreter
+    with pytest.raises(ValueError, match="runs on CUDA tensors .* use backend='torch'"):
+        mamba.selective_scan(**inputs, backend="triton")
+    monkeypatch.setattr(mamba, "_scan_triton", None)           # "auto" must not touch it for CPU tensors
+    torch.testing.assert_close(mamba.selective_scan(**inputs), mamba.selective_scan(**inputs, backend="ref"))
