@@ -5,8 +5,11 @@
         (DESIGN.md, "Many tasks at once"), against one task alone (always measured first), with the
         script's own defaults for the env (ENVS overrides included).
     python bench.py scan [--shapes 16x128x400 8x256x1000] [--backends ref torch] [--threads 1]
-        Mamba's selective scan: forward and backward seconds of each backend (mamba.selective_scan) on
-        batch x dim x L inputs with N = 16, median of --repeats, side by side in one run.
+        Mamba's selective scan: forward and backward milliseconds of each backend (mamba.selective_scan)
+        on batch x dim x L inputs with N = 16, median of --repeats, side by side in one run. On a GPU the
+        defaults sweep L from 1k to 64k with dim 1536 and compare "triton" with "torch" and, when the
+        package is importable (never a dependency), the official CUDA kernel as backend "mamba_ssm".
+        On a CPU "triton" runs only under TRITON_INTERPRET=1: a correctness tool, not a speed measure.
 Small models run faster and steadier on one thread; the machine is shared, so compare rows of one run.
 """
 import argparse
@@ -72,39 +75,85 @@ def env_steps_per_second(vec, n_steps):
     return vec.n_tasks * vec.n_envs * n_steps / (time.perf_counter() - start)
 
 
+CPU_SCAN_SHAPES = [(16, 128, 400), (8, 256, 1000), (2, 128, 4000)]
+GPU_SCAN_SHAPES = [(8, 1536, 1024), (8, 1536, 4096), (2, 1536, 16384), (1, 1536, 65536)]  # the bar: 8x1536x4096
+
+
 def bench_scan(args):
     torch.set_num_threads(args.threads)
-    print(f"selective_scan forward + backward, N = {args.d_state}, median of {args.repeats}, "
-          f"{args.threads} thread(s), device {args.device}")
-    print(f"{'batch x dim x L':>18} {'backend':>8} {'forward s':>10} {'backward s':>11} {'vs ' + args.backends[0]:>10}")
-    for shape in args.shapes:
-        first = None
-        for backend in args.backends:
-            forward, backward = time_scan(backend, *shape, args.d_state, args.repeats, args.device)
-            first = first or forward + backward
-            print(f"{'x'.join(map(str, shape)):>18} {backend:>8} {forward:>10.3f} {backward:>11.3f}"
-                  f" {first / (forward + backward):>9.1f}x", flush=True)
+    cuda = str(args.device).startswith("cuda")
+    shapes = args.shapes or (GPU_SCAN_SHAPES if cuda else CPU_SCAN_SHAPES)
+    backends = args.backends or (["torch", "triton"] + ["mamba_ssm"] * (_official_scan() is not None) if cuda
+                                 else ["ref", "torch"])
+    print(f"selective_scan forward + backward, N = {args.d_state}, {args.dtype}, with D, z, delta_bias and "
+          f"softplus, median of {args.repeats}, {args.threads} thread(s), device {args.device}")
+    print(f"{'batch x dim x L':>18} {'backend':>9} {'forward ms':>11} {'backward ms':>12} {'total ms':>10}"
+          f" {'vs ' + backends[0]:>10}")
+    for shape in shapes:
+        totals = {}
+        for backend in backends:
+            try:
+                forward, backward = time_scan(backend, *shape, args.d_state, args.repeats, args.device, args.dtype)
+            except (ValueError, RuntimeError) as error:  # e.g. "triton" on a CPU, out of memory, no mamba_ssm
+                print(f"{'x'.join(map(str, shape)):>18} {backend:>9}  n/a: {str(error).splitlines()[0]}")
+                if cuda:
+                    torch.cuda.empty_cache()
+                continue
+            totals[backend] = forward + backward
+            first = totals.get(backends[0])
+            speed_up = f"{first / totals[backend]:>9.1f}x" if first else f"{'':>10}"
+            print(f"{'x'.join(map(str, shape)):>18} {backend:>9} {1e3 * forward:>11.1f} {1e3 * backward:>12.1f}"
+                  f" {1e3 * totals[backend]:>10.1f} {speed_up}", flush=True)
+        if "triton" in totals and "mamba_ssm" in totals:
+            print(f"{'':>18} triton takes {totals['triton'] / totals['mamba_ssm']:.2f}x the official kernel's time"
+                  f" (bar at 8x1536x4096: <= 1.5x)")
+        if "triton" in totals and "torch" in totals:
+            print(f"{'':>18} triton is {totals['torch'] / totals['triton']:.1f}x faster than torch"
+                  f" (bar at 8x1536x4096: >= 10x)")
 
 
-def time_scan(backend, batch, dim, L, N, repeats, device):
-    """Median forward and backward seconds of one selective_scan call with D, z and delta_softplus."""
+def time_scan(backend, batch, dim, L, N, repeats, device, dtype="float32"):
+    """Median forward and backward seconds of one selective_scan call with D, z, delta_bias and softplus."""
     g = torch.Generator().manual_seed(0)
+    dtype = getattr(torch, dtype)
 
-    def leaf(*shape, scale=1.0, offset=0.0):
-        return (torch.randn(*shape, generator=g) * scale + offset).to(device).requires_grad_()
-    inputs = dict(u=leaf(batch, dim, L), delta=leaf(batch, dim, L, scale=0.5), A=-leaf(dim, N).detach().abs(),
-                  B=leaf(batch, N, L), C=leaf(batch, N, L), D=leaf(dim), z=leaf(batch, dim, L))
+    def leaf(*shape, scale=1.0, offset=0.0, dtype=dtype):
+        return (torch.randn(*shape, generator=g) * scale + offset).to(device, dtype).requires_grad_()
+    inputs = dict(u=leaf(batch, dim, L), delta=leaf(batch, dim, L, scale=0.5, offset=-2.0),
+                  A=-leaf(dim, N, dtype=torch.float32).detach().abs(), B=leaf(batch, N, L), C=leaf(batch, N, L),
+                  D=leaf(dim, dtype=torch.float32), z=leaf(batch, dim, L),
+                  delta_bias=leaf(dim, scale=0.1, dtype=torch.float32))
+    if backend == "mamba_ssm":
+        scan = _official_scan()
+        if scan is None:
+            raise RuntimeError("mamba_ssm is not importable (pip install mamba-ssm on a CUDA machine)")
+    else:
+        def scan(**kwargs):
+            return mamba.selective_scan(**kwargs, backend=backend)
+    warm_up = 1 if str(device).startswith("cuda") else 0  # on a GPU one untimed call compiles the kernels
     forward, backward = [], []
-    for _ in range(repeats):
+    for _ in range(warm_up + repeats):
+        _sync(device)
         start = time.perf_counter()
-        y = mamba.selective_scan(**inputs, delta_softplus=True, backend=backend)
+        y = scan(**inputs, delta_softplus=True)
         _sync(device)
         middle = time.perf_counter()
-        y.sum().backward()
+        y.float().sum().backward()
         _sync(device)
         forward.append(middle - start)
         backward.append(time.perf_counter() - middle)
-    return statistics.median(forward), statistics.median(backward)
+        for tensor in inputs.values():
+            tensor.grad = None
+    return statistics.median(forward[warm_up:]), statistics.median(backward[warm_up:])
+
+
+def _official_scan():
+    """The official CUDA kernel (Gu & Dao's mamba_ssm), when installed: a yardstick, never a dependency."""
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    except ImportError:
+        return None
+    return selective_scan_fn
 
 
 def _sync(device):
@@ -133,10 +182,12 @@ def main():
     rl.add_argument("--threads", type=envs.positive_int, default=torch.get_num_threads())
     rl.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     scan = sub.add_parser("scan", help="Mamba's selective scan, each backend")
-    scan.add_argument("--shapes", type=shape_arg, nargs="+", default=[(16, 128, 400), (8, 256, 1000)],
-                      help="BATCHxDIMxL")
-    scan.add_argument("--backends", nargs="+", default=["ref", "torch"], choices=mamba.BACKENDS[1:])
+    scan.add_argument("--shapes", type=shape_arg, nargs="+", default=None,
+                      help="BATCHxDIMxL (default: a few CPU-sized shapes; on a GPU dim 1536, L 1k to 64k)")
+    scan.add_argument("--backends", nargs="+", default=None, choices=mamba.BACKENDS[1:] + ("mamba_ssm",),
+                      help="default: ref torch on a CPU; torch triton (and mamba_ssm if importable) on a GPU")
     scan.add_argument("--d-state", type=envs.positive_int, default=16)
+    scan.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     scan.add_argument("--repeats", type=envs.positive_int, default=3)
     scan.add_argument("--threads", type=envs.positive_int, default=1)
     scan.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -221,7 +221,7 @@ def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_p
     mask_d = offs_d < dim
     first = offs_k[None, :] == 0
     last = offs_k[None, :] == CHUNK - 1
-    rows = b * dim * L + offs_d[:, None] * L                           # u, delta, z, out: [batch, dim, L]
+    rows = (b * dim + offs_d[:, None]) * L                             # u, delta, z, out: [batch, dim, L] (int64)
     BC_row = b * N * L                                                 # B, C: [batch, N, L]
     D = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_D else 0.0
     bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
@@ -268,7 +268,7 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_p
     mask_dn = mask_d[:, None] & (offs_n[None, :] < N)
     first = offs_k[None, :] == 0
     last = offs_k[None, :] == CHUNK - 1
-    rows = b * dim * L + offs_d[:, None] * L
+    rows = (b * dim + offs_d[:, None]) * L
     BC_row = b * N * L
     partial_row = (b * tl.num_programs(1) + block) * N * L             # dB, dC partials: [batch, blocks, N, L]
     D = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_D else 0.0
