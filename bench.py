@@ -101,9 +101,13 @@ def bench_scan(args):
                 continue
             totals[backend] = forward + backward
             first = totals.get(backends[0])
-            speed_up = f"{first / totals[backend]:>9.1f}x" if first else f"{'':>10}"
+            speed_up = f"{first / totals[backend]:>9.3g}x" if first else f"{'':>10}"
             print(f"{'x'.join(map(str, shape)):>18} {backend:>9} {1e3 * forward:>11.1f} {1e3 * backward:>12.1f}"
                   f" {1e3 * totals[backend]:>10.1f} {speed_up}", flush=True)
+        if "triton" in totals and mamba._INTERPRETED:
+            print(f"{'':>18} (triton ran in Triton's interpreter, on the CPU: a correctness tool, not a speed)")
+        if not cuda:
+            continue
         if "triton" in totals and "mamba_ssm" in totals:
             print(f"{'':>18} triton takes {totals['triton'] / totals['mamba_ssm']:.2f}x the official kernel's time"
                   f" (bar at 8x1536x4096: <= 1.5x)")
