@@ -165,11 +165,16 @@ class SelectiveScanFn(torch.autograd.Function):
 #     (a1, b1) then (a2, b2) = (a1 a2, a2 b1 + b2),
 # so a chunk is one tl.associative_scan along time, seeded with the state carried in from the previous
 # chunk (b at the chunk's first step += a * h_carry). The carried state [BLOCK_D, N] stays in fp32
-# registers; between chunks the only sequential dependence is that carry. Loads and arithmetic are fp32
-# whatever the input dtype (bf16 inputs are upcast on load, outputs cast back on store).
+# registers; between chunks the only sequential dependence is that carry. Why not one step at a time:
+# each step would load a strided column of every input and wait for it (L dependent memory latencies),
+# and the backward would need h_{t-1} beside g_t step by step; a chunk loads coalesced tiles once and
+# holds h and g of all its steps in registers together. Loads and arithmetic are fp32 whatever the input
+# dtype (bf16 inputs are upcast on load, outputs cast back on store).
 #
 # Backward, per channel and state, with g_t = dLoss/dh_t (every path through later steps counted):
-#     g_t = C_t dy_t + a_{t+1} g_{t+1}                the same recurrence, run backwards (reverse scan)
+#     g_t = C_t dy_t + a_{t+1} g_{t+1}                the same recurrence, backwards: a reverse scan with
+#                                                    the same combine (Triton's own tests check reverse=True
+#                                                    on exactly this non-commutative linear recurrence)
 #     du_t     = delta_t sum_n g_t B_t + D dy_t       ddelta_t = u_t sum_n g_t B_t + sum_n A g_t a_t h_{t-1}
 #     dA       = sum_t g_t a_t h_{t-1} delta_t        dB_t = sum_d g_t delta_t u_t,   dC_t = sum_d dy_t h_t
 # with a_t h_{t-1} = h_t - b_t (no shifted copy of h needed), dy = dout silu(z) and
