@@ -10,20 +10,31 @@
         defaults sweep L from 1k to 64k with dim 1536 and compare "triton" with "torch" and, when the
         package is importable (never a dependency), the official CUDA kernel as backend "mamba_ssm".
         On a CPU "triton" runs only under TRITON_INTERPRET=1: a correctness tool, not a speed measure.
+    python bench.py rollout [--env reacher_goal] [--contexts 1024 4096 16384 65536] [--batch 10]
+        In-context rollout cost: per-step latency of Mamba.step and Transformer.step (KV cache) at the
+        env's ENVS sizes once 1k..64k tokens of context have been consumed, and the memory the context
+        takes; prints a table and saves a plot (--plot, default figures/rollout_latency.png).
 Small models run faster and steadier on one thread; the machine is shared, so compare rows of one run.
 """
 import argparse
 import math
+import os
+import resource
 import statistics
 import time
 
+import matplotlib
 import torch
 
+import ad
 import droq
 import envs
 import mamba
 import ppo
 import sac
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
 
 RL_ALGOS = {  # script -> (its command line, its agent, its collect-and-learn loop)
     "sac": (lambda: sac.build_parser("sac", ""), sac.make_sac, sac.collect_and_learn),
@@ -160,6 +171,100 @@ def _official_scan():
     return selective_scan_fn
 
 
+def bench_rollout(args):
+    """Per-step latency of Mamba.step and Transformer.step (KV cache) once `context` tokens have been
+    consumed, at the env's ENVS sizes, and the memory the context takes. A step's cost does not depend on
+    what the state holds, so it is filled at random rather than by a real prefix (a 64k-token prefix
+    through the transformer would take hours on a CPU); its size is the real one."""
+    torch.set_num_threads(args.threads)
+    settings = envs.ENVS[args.env]
+    vec = envs.MultiTaskVecEnv(args.env, envs.sample_tasks(args.env, 1, "test"), 1)
+    d_in, d_out = vec.obs_dim + vec.act_dim + 2, 2 * vec.act_dim                 # ad.py's token and head
+    print(f"{args.env} sizes, batch {args.batch}, median of {args.steps} steps, device {args.device}, "
+          f"{args.threads} thread(s)")
+    rows = []
+    for context in args.contexts:
+        for arch in ("mamba", "transformer"):
+            config = ad.arch_config(arch, {**getattr(settings, arch), "d_state": 16}, d_in, d_out,
+                                    max_len=context + args.steps + 1)
+            model = ad.build_model(config).to(args.device).eval()
+            state = filled_state(model, args.batch, context, args.device)
+            if args.device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats(args.device)
+            seconds = time_steps(model, state, args.batch, d_in, args.steps, args.device)
+            # CUDA: the peak allocated during these steps; CPU: the process's peak resident memory so far
+            peak = (torch.cuda.max_memory_allocated(args.device) if args.device.startswith("cuda")
+                    else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 20
+            rows.append({"context": context, "arch": arch, "params": ad.count_params(config),
+                         "step_ms": seconds * 1e3, "state_mib": tensor_bytes(state) / 2 ** 20, "peak_mib": peak})
+            print(f"  context {context:>6}  {arch:<11}  step {seconds * 1e3:9.2f} ms   state "
+                  f"{rows[-1]['state_mib']:9.1f} MiB   peak {peak:9.0f} MiB", flush=True)
+            del model, state
+    step_ms = {(r["arch"], r["context"]): r["step_ms"] for r in rows}
+    short, long = min(args.contexts), max(args.contexts)
+    for arch in ("mamba", "transformer"):
+        print(f"{arch}: step at {long} tokens / at {short}: {step_ms[arch, long] / step_ms[arch, short]:.2f}x")
+    print(f"at {long} tokens the transformer's step takes "
+          f"{step_ms['transformer', long] / step_ms['mamba', long]:.1f}x Mamba's")
+    if os.path.dirname(args.plot):
+        os.makedirs(os.path.dirname(args.plot), exist_ok=True)
+    plot_rollout(rows, args.plot)
+    print(f"wrote {args.plot}")
+    return rows
+
+
+def filled_state(model, batch, context, device):
+    """A state as after `context` tokens: Mamba's fixed-size one, or a KV cache holding `context` tokens."""
+    state = model.init_state(batch, device)
+    if isinstance(state, dict):           # transformer: fill the first `context` slots of every cache
+        for cache in state["k"] + state["v"]:
+            cache[:, :, :context].normal_()
+        state["length"] = context
+        return state
+    return [tuple(torch.randn_like(t) for t in layer) for layer in state]
+
+
+@torch.no_grad()
+def time_steps(model, state, batch, d_in, n_steps, device):
+    """Median seconds of one step over n_steps (after one warm-up step)."""
+    x = torch.randn(batch, d_in, device=device)
+    times = []
+    for _ in range(n_steps + 1):
+        _sync(device)
+        start = time.perf_counter()
+        _, state = model.step(x, state)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def tensor_bytes(state):
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        state = list(state.values())
+    return sum(tensor_bytes(s) for s in state) if isinstance(state, (list, tuple)) else 0
+
+
+def plot_rollout(rows, png):
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for arch in ("mamba", "transformer"):
+        mine = [r for r in rows if r["arch"] == arch]
+        x = [r["context"] for r in mine]
+        left.plot(x, [r["step_ms"] for r in mine], "o-", label=f"{arch} ({mine[0]['params'] / 1e6:.1f}M params)")
+        right.plot(x, [r["state_mib"] for r in mine], "o-", label=arch)
+    left.set(xscale="log", yscale="log", xlabel="tokens of context already consumed", ylabel="ms per step",
+             title="rollout step latency")
+    right.set(xscale="log", yscale="log", xlabel="tokens of context already consumed", ylabel="MiB",
+              title="memory of the context (state / KV cache)")
+    for ax in (left, right):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
 def _sync(device):
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
@@ -195,8 +300,16 @@ def main():
     scan.add_argument("--repeats", type=envs.positive_int, default=3)
     scan.add_argument("--threads", type=envs.positive_int, default=1)
     scan.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    rollout = sub.add_parser("rollout", help="Mamba.step vs Transformer.step latency against context length")
+    rollout.add_argument("--env", default="reacher_goal", choices=list(envs.ENVS), help="model sizes from ENVS")
+    rollout.add_argument("--contexts", type=envs.positive_int, nargs="+", default=[1024, 4096, 16384, 65536])
+    rollout.add_argument("--batch", type=envs.positive_int, default=10, help="rollouts stepped together")
+    rollout.add_argument("--steps", type=envs.positive_int, default=10, help="timed steps per row (median)")
+    rollout.add_argument("--plot", default=os.path.join("figures", "rollout_latency.png"))
+    rollout.add_argument("--threads", type=envs.positive_int, default=1)
+    rollout.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
-    {"rl": bench_rl, "scan": bench_scan}[args.bench](args)
+    {"rl": bench_rl, "scan": bench_scan, "rollout": bench_rollout}[args.bench](args)
 
 
 if __name__ == "__main__":

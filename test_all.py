@@ -24,6 +24,7 @@ import evaluate
 import mamba
 import ppo
 import sac
+import transformer
 
 torch.set_num_threads(1)
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -619,6 +620,78 @@ def test_ad_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         evaluate.main([str(tmp_path / "bad.pt")])
     assert "not a checkpoint written by ad.py" in str(e.value.code)
+
+
+# ----------------------------------------------------------------------------- transformer.py and the comparison
+
+def _tiny_transformer(max_len=12):
+    torch.manual_seed(0)
+    return transformer.Transformer(d_in=5, d_out=3, d_model=16, n_layer=2, n_head=4, max_len=max_len, d_ff=32).eval()
+
+
+def test_transformer_step_reproduces_forward_and_slides_past_max_len():
+    """The KV cache gives forward's outputs; past max_len each step equals forward over the window that
+    the slide keeps: after the cache fills at 12 tokens, tokens 6.. are re-encoded from position 0."""
+    model, x = _tiny_transformer(max_len=12), torch.randn(2, 30, 5)
+    with torch.no_grad():
+        state, steps = model.init_state(2), []
+        for t in range(x.shape[1]):
+            y, state = model.step(x[:, t], state)
+            steps.append(y)
+        steps = torch.stack(steps, 1)
+        torch.testing.assert_close(steps[:, :12], model(x[:, :12]), rtol=1e-5, atol=1e-6)
+        for t in range(12, 30):
+            start = 6 * ((t - 6) // 6)          # windows 6..17, 12..23, 18..29: 6 kept + up to 6 new
+            torch.testing.assert_close(steps[:, t], model(x[:, start:t + 1])[:, -1], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="longer than this transformer's max_len 12"):
+        model(x[:, :13])
+
+
+@pytest.mark.parametrize("arch", ["mamba", "transformer"])
+def test_changing_a_future_token_never_changes_an_earlier_output(arch):
+    torch.manual_seed(0)
+    model = (mamba.Mamba(5, 3, 16, 2, d_state=4) if arch == "mamba" else _tiny_transformer(max_len=20)).eval()
+    x = torch.randn(2, 20, 5)
+    changed = x.clone()
+    changed[:, 9] += 1.0
+    with torch.no_grad():
+        before, after = model(x), model(changed)
+    torch.testing.assert_close(after[:, :9], before[:, :9], rtol=0, atol=1e-6)
+    assert (after[:, 9:] - before[:, 9:]).abs().max() > 1e-3
+
+
+def test_match_params_finds_the_closest_width():
+    mamba_config = ad.arch_config("mamba", dict(d_model=64, n_layer=3, d_state=16), d_in=6, d_out=4, max_len=200)
+    target = ad.count_params(mamba_config)
+    assert target == sum(p.numel() for p in ad.build_model(mamba_config).parameters())
+    config = ad.arch_config("transformer", dict(d_model=8, n_layer=3, n_head=4, d_ff=192), d_in=6, d_out=4,
+                            max_len=200)
+    matched = ad.match_params(config, target)
+    assert matched["d_model"] % 4 == 0
+    gaps = {w: abs(ad.count_params({**config, "d_model": w}) - target) for w in range(4, 200, 4)}
+    assert gaps[matched["d_model"]] == min(gaps.values())
+    assert ad.match_params(mamba_config, target)["d_model"] == 64
+
+
+def test_ad_trains_and_evaluates_a_transformer(tmp_path):
+    """ad.py --arch transformer end to end; two seeds form one group in evaluate.py's table and plot."""
+    _write_point_histories(tmp_path / "data")
+    for seed in (0, 1):
+        ad.train(_ad_args(tmp_path, tmp_path / "data", "--arch", "transformer", "--n-head", "2", "--d-ff", "16",
+                          "--epochs", "3", "--eval-every", "3", "--seed", str(seed), "--out",
+                          str(tmp_path / f"run{seed}")))
+    model, ckpt = ad.load_checkpoint(str(tmp_path / "run0"), arch="transformer")
+    assert isinstance(model, transformer.Transformer) and ckpt["model_config"]["max_len"] == 3 * 20
+    evaluate.main([str(tmp_path / "run0"), str(tmp_path / "run1"), "--tasks", "2", "--seeds", "1",
+                   "--episodes", "5", "--device", "cpu", "--out", str(tmp_path / "eval")])   # 100 tokens: slides
+    results = json.load(open(tmp_path / "eval" / "eval.json"))
+    assert [r["arch"] for r in results] == ["transformer"] * 2 and [r["train_seed"] for r in results] == [0, 1]
+    assert np.asarray(results[0]["returns"]).shape == (2, 1, 5)
+    table = (tmp_path / "eval" / "scores.md").read_text()
+    assert table.count("AD-transformer 8x1") == 1 and "| 2 (0, 1) |" in table
+    with pytest.raises(SystemExit, match="share training seed"):
+        evaluate.main([str(tmp_path / "run0"), str(tmp_path / "run0"), "--tasks", "1", "--seeds", "1",
+                       "--episodes", "1", "--device", "cpu", "--out", str(tmp_path / "eval")])
 
 
 # ----------------------------------------------------------------------------- mamba.py: the Triton kernels
