@@ -208,7 +208,8 @@ def bench_rollout(args):
           f"{step_ms['transformer', long] / step_ms['mamba', long]:.1f}x Mamba's")
     if os.path.dirname(args.plot):
         os.makedirs(os.path.dirname(args.plot), exist_ok=True)
-    plot_rollout(rows, args.plot)
+    plot_rollout(rows, args.plot, f"{args.env} sizes (ENVS), batch {args.batch}, {args.device}, "
+                                  f"{args.threads} thread(s); the context filled at random")
     print(f"wrote {args.plot}")
     return rows
 
@@ -246,8 +247,9 @@ def tensor_bytes(state):
     return sum(tensor_bytes(s) for s in state) if isinstance(state, (list, tuple)) else 0
 
 
-def plot_rollout(rows, png):
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+def plot_rollout(rows, png, title):
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.3))
+    fig.suptitle(title, fontsize=10)
     for arch in ("mamba", "transformer"):
         mine = [r for r in rows if r["arch"] == arch]
         x = [r["context"] for r in mine]

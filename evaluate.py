@@ -54,7 +54,8 @@ def evaluate(directory, args):
     return {"checkpoint": os.path.abspath(directory), "env": meta["env"], "arch": ckpt["model_config"]["arch"],
             "model_config": ckpt["model_config"], "params": sum(p.numel() for p in model.parameters()),
             "train_seed": ckpt["args"]["seed"], "trained_updates": ckpt["iter"], "algo": meta["algo"],
-            "k": meta["k"], "context": meta["context"], "loss": meta["loss"], "act": args.act,
+            "k": meta["k"], "context": meta["context"], "stream_tokens": meta["episodes"] * meta["horizon"],
+            "loss": meta["loss"], "act": args.act,
             "seeds": args.seeds, "tasks": tasks.tolist(), "returns": returns.tolist(),
             "source_curve": meta["source_curve"], "summary": summary}
 
@@ -62,7 +63,8 @@ def evaluate(directory, args):
 def label(result):
     """What a group of runs shares: arch, size and context (not the seed)."""
     config = result["model_config"]
-    context = "full streams" if result["context"] == "full" else f"{result['context']} tokens"
+    full = result["context"] == "full"
+    context = f"{result['stream_tokens']} tokens (full streams)" if full else f"{result['context']} tokens"
     return (f"AD-{result['arch']} {config['d_model']}x{config['n_layer']} ({result['params'] / 1e3:.0f}k params), "
             f"context {context}")
 
