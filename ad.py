@@ -378,10 +378,9 @@ def train(args):
 
     val_tasks = envs.sample_tasks(args.env, args.val_tasks, "val", seed=args.seed)
     random_return = envs.baseline_return(args.env, val_tasks, "random")
-    n_params = sum(p.numel() for p in model.parameters())
     print(f"AD-{args.arch} on {args.env}: {n_streams} training streams of {L} tokens ({meta['episodes']} episodes, "
           f"k={args.k}) from {meta['n_tasks'] - meta['holdout_tasks']} tasks, {len(held_set[0])} held-out streams; "
-          f"{n_params / 1e6:.2f}M parameters; {total} updates; device {args.device} -> {out_dir}")
+          f"{total} updates; device {args.device} -> {out_dir}")
     print(f"validation: {args.val_tasks} tasks; random policy {random_return:.2f}, "
           f"source {meta['algo']} final {meta['source_final']:.2f}")
 

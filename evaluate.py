@@ -104,8 +104,7 @@ def plot(groups, png_path):
         x = np.arange(len(mean))
         line, = ax.plot(x, mean, label=name + (f", {len(runs)} seeds" if len(runs) > 1 else ""))
         ax.fill_between(x, mean - std, mean + std, alpha=0.2, color=line.get_color())
-    results = [run for runs in groups.values() for run in runs]
-    first = results[0]
+    first = next(iter(groups.values()))[0]
     source = first["source_curve"]
     ax.plot(np.arange(len(source)), source, "k--",
             label=f"{first['algo'].upper()} learning curve, training tasks (one episode in {first['k']})")
@@ -155,6 +154,9 @@ def main(argv=None):
         with open(os.path.join(out, "eval.json"), "w") as f:
             json.dump(results[0] if len(results) == 1 else results, f)
         plot(groups, os.path.join(out, "incontext.png"))
+        table = score_table(groups)
+        with open(os.path.join(out, "scores.md"), "w") as f:
+            f.write(table + "\n")
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
     for result, directory in zip(results, args.checkpoints):
@@ -164,9 +166,6 @@ def main(argv=None):
               f"{s['first_episode']:.2f} -> last 5 {s['last5']:.2f}; score {s['score_last5']:.2f} (random "
               f"{s['random_policy']:.2f} = 0, {result['algo']} final {s['source_final']:.2f} = 1; zero action "
               f"{s['zero_action']:.2f})")
-    table = score_table(groups)
-    with open(os.path.join(out, "scores.md"), "w") as f:
-        f.write(table + "\n")
     print(table)
     print(f"wrote {out}/eval.json, {out}/incontext.png and {out}/scores.md")
 
