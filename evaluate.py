@@ -46,7 +46,8 @@ def evaluate(directory, args):
                          device=args.device, desc=os.path.basename(os.path.normpath(directory)))
     zero, random = (envs.baseline_return(meta["env"], tasks, policy) for policy in ("zero", "random"))
     last5 = returns[:, :, -5:].mean()
-    summary = {"first_episode": float(returns[:, :, 0].mean()), "last5": float(last5),
+    summary = {"first_episode": float(returns[:, :, 0].mean()), "all_episodes": float(returns.mean()),
+               "last5": float(last5),
                "score_last5": float(ad.normalised(last5, random, meta["source_final"])),
                "score_last5_per_task": ad.normalised(returns[:, :, -5:].mean((1, 2)), random,
                                                      meta["source_final"]).tolist(),
@@ -82,14 +83,15 @@ def group_runs(results):
 
 
 def score_table(groups):
-    """Markdown table of the final normalised scores per group: mean, std over training seeds, each seed."""
-    rows = ["| model | runs (seeds) | first episode | last 5 episodes | score: mean ± std over seeds | per seed |",
-            "|---|---|---|---|---|---|"]
+    """Markdown table per group: mean returns (first episode; all episodes, a measure of in-context sample
+    efficiency; last 5) and the final normalised score: mean, std over training seeds, each seed."""
+    rows = ["| model | runs (seeds) | first episode | all episodes | last 5 episodes | score: mean ± std over seeds "
+            "| per seed |", "|---|---|---|---|---|---|---|"]
     for name, runs in groups.items():
         scores = np.array([r["summary"]["score_last5"] for r in runs])
-        first, last5 = (np.mean([r["summary"][key] for r in runs]) for key in ("first_episode", "last5"))
-        rows.append(f"| {name} | {len(runs)} ({', '.join(str(r['train_seed']) for r in runs)}) | {first:.2f} | "
-                    f"{last5:.2f} | {scores.mean():.2f} ± {scores.std():.2f} | "
+        returns = [np.mean([r["summary"][key] for r in runs]) for key in ("first_episode", "all_episodes", "last5")]
+        rows.append(f"| {name} | {len(runs)} ({', '.join(str(r['train_seed']) for r in runs)}) | "
+                    + " | ".join(f"{x:.2f}" for x in returns) + f" | {scores.mean():.2f} ± {scores.std():.2f} | "
                     f"{', '.join(f'{s:.2f}' for s in scores)} |")
     return "\n".join(rows)
 

@@ -588,7 +588,8 @@ def test_ad_checkpoint_resume_and_evaluation(tmp_path, monkeypatch):
     assert np.asarray(result["returns"]).shape == (2, 2, 4)
     assert np.all(np.asarray(result["returns"]) < 0)                  # point_goal rewards are -distance
     np.testing.assert_allclose(result["tasks"], envs.sample_tasks("point_goal", 2, "test"))  # test split only
-    assert set(result["summary"]) >= {"first_episode", "last5", "score_last5", "zero_action", "random_policy"}
+    assert set(result["summary"]) >= {"first_episode", "all_episodes", "last5", "score_last5", "zero_action",
+                                      "random_policy"}
     assert (tmp_path / "eval" / "incontext.png").stat().st_size > 10_000
 
 
