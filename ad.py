@@ -105,6 +105,12 @@ def make_token(obs, prev_act, prev_rew, first, stats):
     return torch.cat([obs, prev_act, prev_rew[..., None], first[..., None]], dim=-1)
 
 
+def model_io(obs_dim, act_dim, loss):
+    """(d_in, d_out) of the sequence model: a token as make_token builds it; the action head (nll: mean and
+    log-std per action dimension)."""
+    return obs_dim + act_dim + 2, act_dim * (2 if loss == "nll" else 1)
+
+
 def stream_tokens(obs, act, rew, stats):
     """Whole streams of episodes obs [..., episodes, H, obs_dim], act [..., episodes, H, act_dim],
     rew [..., episodes, H] -> tokens [..., episodes * H, d_in]."""
@@ -338,8 +344,8 @@ def prepare(args):
     train, held = streams(slice(0, n_train)), streams(slice(n_train, n_tasks))
     curve, final = source_curve(data["returns"], args.k)
     obs_dim, act_dim = data["obs"].shape[-1], data["act"].shape[-1]
-    shape = dict(d_in=tokens.shape[-1], d_out=act_dim * (2 if args.loss == "nll" else 1),
-                 max_len=L if args.context == "full" else args.context)
+    d_in, d_out = model_io(obs_dim, act_dim, args.loss)
+    shape = dict(d_in=d_in, d_out=d_out, max_len=L if args.context == "full" else args.context)
     config = arch_config(args.arch, vars(args), **shape)
     other = "transformer" if args.arch == "mamba" else "mamba"
     other_config = arch_config(other, {**getattr(settings, other), "d_state": args.d_state}, **shape)

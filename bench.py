@@ -179,7 +179,7 @@ def bench_rollout(args):
     torch.set_num_threads(args.threads)
     settings = envs.ENVS[args.env]
     vec = envs.MultiTaskVecEnv(args.env, envs.sample_tasks(args.env, 1, "test"), 1)
-    d_in, d_out = vec.obs_dim + vec.act_dim + 2, 2 * vec.act_dim                 # ad.py's token and head
+    d_in, d_out = ad.model_io(vec.obs_dim, vec.act_dim, "nll")
     print(f"{args.env} sizes, batch {args.batch}, median of {args.steps} steps, device {args.device}, "
           f"{args.threads} thread(s)")
     rows = []
