@@ -15,7 +15,8 @@ or `nll`, a Gaussian head trained against the source policy's own distribution (
 
 The training loss barely moves while rollouts improve, so every --eval-every updates the model is rolled out
 in context on a few *validation* tasks (never the test tasks evaluate.py reports on) and the best checkpoint
-by normalised score is kept: 0 = a random policy, 1 = the source algorithm's final return.
+by the strict score is kept: 0 = the better of the zero-action and random policies, 1 = the source
+algorithm's final return.
 
     python ad.py --arch mamba                                 # data/reacher_goal/sac -> out/reacher_goal/mamba
     python ad.py --env point_goal                             # the CPU demo (README; ENVS sets lr, epochs)
@@ -239,9 +240,15 @@ def rollout(model, meta, tasks, n_episodes, n_seeds=1, act="mean", seed=0, devic
     return returns
 
 
-def normalised(returns, random_return, source_final):
-    """0 = a random policy, 1 = the source algorithm's final return."""
-    return (np.asarray(returns) - random_return) / (source_final - random_return)
+def normalised(returns, floor, source_final):
+    """0 = `floor`, 1 = the source algorithm's final return."""
+    return (np.asarray(returns) - floor) / (source_final - floor)
+
+
+def strict_floor(zero_return, random_return):
+    """The strict score's 0: the better of standing still and acting at random. Against random alone,
+    tasks where standing still is far above random (Reacher, Ant-Dir) would score well for doing nothing."""
+    return max(zero_return, random_return)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -383,12 +390,13 @@ def train(args):
         raise DataError(f"{out_dir} already holds a run: pass --resume to continue it, or another --out")
 
     val_tasks = envs.sample_tasks(args.env, args.val_tasks, "val", seed=args.seed)
-    random_return = envs.baseline_return(args.env, val_tasks, "random")
+    zero_return, random_return = (envs.baseline_return(args.env, val_tasks, p) for p in ("zero", "random"))
+    floor = strict_floor(zero_return, random_return)
     print(f"AD-{args.arch} on {args.env}: {n_streams} training streams of {L} tokens ({meta['episodes']} episodes, "
           f"k={args.k}) from {meta['n_tasks'] - meta['holdout_tasks']} tasks, {len(held_set[0])} held-out streams; "
           f"{total} updates; device {args.device} -> {out_dir}")
-    print(f"validation: {args.val_tasks} tasks; random policy {random_return:.2f}, "
-          f"source {meta['algo']} final {meta['source_final']:.2f}")
+    print(f"validation: {args.val_tasks} tasks; zero action {zero_return:.2f}, random policy {random_return:.2f}, "
+          f"source {meta['algo']} final {meta['source_final']:.2f} (strict score: {floor:.2f} = 0, source = 1)")
 
     def checkpoint(it):
         return {"model_config": model_config, "model": model.state_dict(), "meta": meta, "args": vars(args),
@@ -414,7 +422,7 @@ def train(args):
             returns = rollout(model, meta, val_tasks, meta["episodes"], n_seeds=args.val_seeds, act=args.act,
                               seed=args.seed, device=args.device)
             model.train()
-            score = float(normalised(returns[:, :, -5:].mean(), random_return, meta["source_final"]))
+            score = float(normalised(returns[:, :, -5:].mean(), floor, meta["source_final"]))
             entry = {"iter": it + 1, "loss": loss.item(), "val_loss": validation_loss(model, *held_set, args.loss),
                      "val_score": score, "val_first_episode": float(returns[:, :, 0].mean()),
                      "val_last5": float(returns[:, :, -5:].mean())}

@@ -8,8 +8,13 @@ state), all tasks batched in one model call per step (ad.rollout). It writes
   incontext.png  the in-context curve (mean and spread over tasks) against the source algorithm's learning
                  curve on its training tasks (every k-th episode, the units the model was trained in) and
                  the zero-action and random-policy baselines.
-The summary's score normalises the mean return of the last 5 episodes: 0 = random policy, 1 = the source
-algorithm's final return.
+The summary scores the mean return of the last 5 episodes two ways. The strict score, the headline:
+0 = the better of the zero-action and random policies on the same test tasks, 1 = the source algorithm's
+final return; and against the random policy alone (0 = random), which flatters tasks where standing
+still is far above random (Reacher, Ant-Dir).
+
+A directory may also hold a baseline's `results.json` instead of a checkpoint (mql.py, macaw.py write
+one: returns per test task, seed and episode): it is scored and plotted the same way, beside AD.
 
 Several checkpoints make one comparison (the paper's Figure 1: Mamba vs transformer; Figure 2: context
 lengths). Runs that differ only in their training seed form one group: one curve, the mean over seeds,
@@ -36,22 +41,31 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
 
 
+def summarise(returns, env, tasks, source_final):
+    """Returns [tasks, seeds, episodes] -> mean returns (first episode, all, last 5) and both scores of the
+    last 5 episodes, with the zero-action and random-policy baselines measured on the same tasks."""
+    zero, random = (envs.baseline_return(env, tasks, policy) for policy in ("zero", "random"))
+    floor = ad.strict_floor(zero, random)
+    last5 = returns[:, :, -5:].mean()
+    return {"first_episode": float(returns[:, :, 0].mean()), "all_episodes": float(returns.mean()),
+            "last5": float(last5),
+            "score_last5": float(ad.normalised(last5, floor, source_final)),
+            "score_last5_vs_random": float(ad.normalised(last5, random, source_final)),
+            "score_last5_per_task": ad.normalised(returns[:, :, -5:].mean((1, 2)), floor, source_final).tolist(),
+            "source_final": source_final, "zero_action": zero, "random_policy": random}
+
+
 def evaluate(directory, args):
-    """Roll one checkpoint out on the test tasks; returns the eval.json dict."""
+    """Roll one checkpoint out on the test tasks (or score a baseline's results.json); the eval.json dict."""
+    if os.path.isfile(os.path.join(directory, "results.json")):
+        return baseline_result(directory, args)
     model, ckpt = ad.load_checkpoint(directory, device=args.device)
     meta = ckpt["meta"]
     tasks = envs.sample_tasks(meta["env"], args.tasks, "test", seed=args.seed)
     n_episodes = args.episodes or meta["episodes"]
     returns = ad.rollout(model, meta, tasks, n_episodes, n_seeds=args.seeds, act=args.act, seed=args.seed,
                          device=args.device, desc=os.path.basename(os.path.normpath(directory)))
-    zero, random = (envs.baseline_return(meta["env"], tasks, policy) for policy in ("zero", "random"))
-    last5 = returns[:, :, -5:].mean()
-    summary = {"first_episode": float(returns[:, :, 0].mean()), "all_episodes": float(returns.mean()),
-               "last5": float(last5),
-               "score_last5": float(ad.normalised(last5, random, meta["source_final"])),
-               "score_last5_per_task": ad.normalised(returns[:, :, -5:].mean((1, 2)), random,
-                                                     meta["source_final"]).tolist(),
-               "source_final": meta["source_final"], "zero_action": zero, "random_policy": random}
+    summary = summarise(returns, meta["env"], tasks, meta["source_final"])
     return {"checkpoint": os.path.abspath(directory), "env": meta["env"], "arch": ckpt["model_config"]["arch"],
             "model_config": ckpt["model_config"], "params": sum(p.numel() for p in model.parameters()),
             "train_seed": ckpt["args"]["seed"], "trained_updates": ckpt["iter"], "algo": meta["algo"],
@@ -61,8 +75,32 @@ def evaluate(directory, args):
             "source_curve": meta["source_curve"], "summary": summary}
 
 
+BASELINE_KEYS = ("env", "method", "train_seed", "tasks", "seeds", "returns", "source_final", "source_curve",
+                 "algo", "k", "adaptation")
+
+
+def baseline_result(directory, args):
+    """A baseline's results.json (mql.py, macaw.py: returns on the test tasks, in evaluate.py's split),
+    scored like a checkpoint. It must hold BASELINE_KEYS and the test tasks this run would use."""
+    path = os.path.join(directory, "results.json")
+    with open(path) as f:
+        result = json.load(f)
+    missing = [key for key in BASELINE_KEYS if key not in result]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)}: not a baseline results file")
+    returns = np.asarray(result["returns"], dtype=np.float64)
+    tasks = envs.sample_tasks(result["env"], len(result["tasks"]), "test", seed=args.seed)
+    if not np.allclose(tasks, result["tasks"]) or returns.shape[:2] != (len(tasks), result["seeds"]):
+        raise ValueError(f"{path} was not run on the test tasks of --seed {args.seed} "
+                         f"({len(result['tasks'])} tasks x {result['seeds']} seeds): re-run it with them")
+    summary = summarise(returns, result["env"], tasks, result["source_final"])
+    return {**result, "checkpoint": os.path.abspath(directory), "arch": result["method"], "summary": summary}
+
+
 def label(result):
     """What a group of runs shares: arch, size and context (not the seed)."""
+    if "method" in result:  # a baseline: its name says what it is
+        return result["method"]
     config = result["model_config"]
     full = result["context"] == "full"
     context = f"{result['stream_tokens']} tokens (full streams)" if full else f"{result['context']} tokens"
@@ -85,14 +123,15 @@ def group_runs(results):
 def score_table(groups):
     """Markdown table per group: mean returns (first episode; all episodes, a measure of in-context sample
     efficiency; last 5) and the final normalised score: mean, std over training seeds, each seed."""
-    rows = ["| model | runs (seeds) | first episode | all episodes | last 5 episodes | score: mean ± std over seeds "
-            "| per seed |", "|---|---|---|---|---|---|---|"]
+    rows = ["| model | runs (seeds) | first episode | all episodes | last 5 episodes | strict score: mean ± std "
+            "over seeds | per seed | score vs random |", "|---|---|---|---|---|---|---|---|"]
     for name, runs in groups.items():
         scores = np.array([r["summary"]["score_last5"] for r in runs])
+        vs_random = np.array([r["summary"]["score_last5_vs_random"] for r in runs])
         returns = [np.mean([r["summary"][key] for r in runs]) for key in ("first_episode", "all_episodes", "last5")]
         rows.append(f"| {name} | {len(runs)} ({', '.join(str(r['train_seed']) for r in runs)}) | "
                     + " | ".join(f"{x:.2f}" for x in returns) + f" | {scores.mean():.2f} ± {scores.std():.2f} | "
-                    f"{', '.join(f'{s:.2f}' for s in scores)} |")
+                    f"{', '.join(f'{s:.2f}' for s in scores)} | {vs_random.mean():.2f} ± {vs_random.std():.2f} |")
     return "\n".join(rows)
 
 
@@ -165,9 +204,9 @@ def main(argv=None):
         s = result["summary"]
         print(f"{os.path.normpath(directory)}: {label(result)}, seed {result['train_seed']}, on "
               f"{len(result['tasks'])} test tasks x {args.seeds} seeds, actions {args.act}: first episode "
-              f"{s['first_episode']:.2f} -> last 5 {s['last5']:.2f}; score {s['score_last5']:.2f} (random "
-              f"{s['random_policy']:.2f} = 0, {result['algo']} final {s['source_final']:.2f} = 1; zero action "
-              f"{s['zero_action']:.2f})")
+              f"{s['first_episode']:.2f} -> last 5 {s['last5']:.2f}; strict score {s['score_last5']:.2f} "
+              f"(zero action {s['zero_action']:.2f}, random {s['random_policy']:.2f}: the better = 0; "
+              f"{result['algo']} final {s['source_final']:.2f} = 1), vs random {s['score_last5_vs_random']:.2f}")
     print(table)
     print(f"wrote {out}/eval.json, {out}/incontext.png and {out}/scores.md")
 

@@ -588,9 +588,34 @@ def test_ad_checkpoint_resume_and_evaluation(tmp_path, monkeypatch):
     assert np.asarray(result["returns"]).shape == (2, 2, 4)
     assert np.all(np.asarray(result["returns"]) < 0)                  # point_goal rewards are -distance
     np.testing.assert_allclose(result["tasks"], envs.sample_tasks("point_goal", 2, "test"))  # test split only
-    assert set(result["summary"]) >= {"first_episode", "all_episodes", "last5", "score_last5", "zero_action",
-                                      "random_policy"}
+    s = result["summary"]
+    assert set(s) >= {"first_episode", "all_episodes", "last5", "score_last5", "score_last5_vs_random",
+                      "zero_action", "random_policy"}
+    floor = max(s["zero_action"], s["random_policy"])  # the strict score's 0: the better baseline
+    assert s["score_last5"] == pytest.approx((s["last5"] - floor) / (s["source_final"] - floor))
+    assert s["score_last5_vs_random"] == pytest.approx((s["last5"] - s["random_policy"])
+                                                       / (s["source_final"] - s["random_policy"]))
     assert (tmp_path / "eval" / "incontext.png").stat().st_size > 10_000
+
+
+def test_evaluate_scores_a_baseline_results_file(tmp_path, capsys):
+    tasks = envs.sample_tasks("point_goal", 2, "test")
+    returns = -np.arange(2 * 3 * 4, dtype=float).reshape(2, 3, 4)
+    result = dict(env="point_goal", method="MQL (test)", train_seed=0, tasks=tasks.tolist(), seeds=3,
+                  returns=returns.tolist(), source_final=-4.5, source_curve=[-20.0, -4.5], algo="sac", k=4,
+                  adaptation="none")
+    (tmp_path / "mql").mkdir()
+    (tmp_path / "mql" / "results.json").write_text(json.dumps(result))
+    evaluate.main([str(tmp_path / "mql"), "--tasks", "2", "--device", "cpu"])
+    s = json.load(open(tmp_path / "mql" / "eval.json"))["summary"]
+    floor = max(s["zero_action"], s["random_policy"])
+    assert s["last5"] == pytest.approx(returns.mean())  # 4 episodes: all of them are the last 5
+    assert s["score_last5"] == pytest.approx((returns.mean() - floor) / (-4.5 - floor))
+    result["tasks"] = envs.sample_tasks("point_goal", 2, "val").tolist()  # not the test split: refused
+    (tmp_path / "mql" / "results.json").write_text(json.dumps(result))
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([str(tmp_path / "mql"), "--device", "cpu"])
+    assert "not run on the test tasks" in str(e.value.code)
 
 
 def test_ad_errors_are_one_line(tmp_path, capsys):
