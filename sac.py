@@ -285,11 +285,15 @@ def base_parser(algo, description):
                    help="train at most this many tasks at a time (default: all on a GPU; on a CPU as "
                         "many as stay cache-friendly, e.g. 24 for 256-unit nets)")
     p.add_argument("--seed", type=int, default=0, help="seeds the training tasks, envs and networks")
+    p.add_argument("--split", default="train", choices=("train", "val", "test"),
+                   help="which tasks to learn: AD's training tasks, or held-out ones (a baseline that adapts "
+                        "from a test task's own data, macaw.py, reads the source's histories on them)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--threads", type=envs.positive_int, default=None,
                    help="torch CPU threads (default: torch's, one per core; use 1 per job when "
                         "running several jobs at once)")
-    p.add_argument("--out", default=None, help=f"output directory (default: data/ENV/{algo})")
+    p.add_argument("--out", default=None, help=f"output directory (default: data/ENV/{algo}, "
+                                               f"data/ENV/{algo}_SPLIT for another --split)")
     p.add_argument("--n-envs", type=envs.positive_int, default=5, help="parallel envs per task")
     p.add_argument("--gamma", type=float, default=0.99)
     return p
@@ -330,7 +334,7 @@ def run(args, algo, make_agent, learn=collect_and_learn):
     """Train every pending task of the run, --parallel at a time, with `learn` (collect_and_learn here,
     ppo.collect_and_learn for PPO), and write one history file per task. Finished tasks are skipped,
     so a killed run resumes where it stopped."""
-    out = args.out or os.path.join("data", args.env, algo)
+    out = args.out or os.path.join("data", args.env, algo if args.split == "train" else f"{algo}_{args.split}")
     horizon = envs.ENVS[args.env].horizon
     n_episodes = args.steps // (args.n_envs * horizon)
     if n_episodes < 1:
@@ -338,7 +342,7 @@ def run(args, algo, make_agent, learn=collect_and_learn):
                          f"({args.n_envs} envs x horizon {horizon})")
     steps = n_episodes * args.n_envs * horizon
     envs.prepare_out_dir(out)
-    tasks = envs.sample_tasks(args.env, args.tasks, "train", seed=args.seed)
+    tasks = envs.sample_tasks(args.env, args.tasks, args.split, seed=args.seed)
     todo = envs.pending_tasks(out, tasks, env=args.env, algo=algo, seed=args.seed, steps=steps)
     print(f"{algo} on {args.env}: {args.tasks} tasks x {steps} steps ({n_episodes} episodes x {args.n_envs} "
           f"envs), {len(todo)} to do, device {args.device} -> {out}")
