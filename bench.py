@@ -49,8 +49,8 @@ def bench_rl(args):
     argv = ["--env", args.env, "--device", args.device, "--n-envs", str(args.n_envs)]
     if args.gradient_steps:
         argv += ["--gradient-steps", str(args.gradient_steps)]
-    cfg = sac.parse_args(build_parser(), argv, args.algo)  # the script's defaults for this env
-    cfg.warmup = 0  # off-policy: time learning steps from the start
+    configs = {dtype: sac.parse_args(build_parser(), argv + ["--dtype", dtype], args.algo) for dtype in args.dtypes}
+    cfg = configs[args.dtypes[0]]  # the script's defaults for this env
     horizon = envs.ENVS[args.env].horizon
     unit = math.lcm(horizon, getattr(cfg, "rollout_steps", 1))  # whole episodes (and PPO: whole rollouts)
     timed = max(1, round(args.vector_steps / unit)) * unit
@@ -58,21 +58,27 @@ def bench_rl(args):
                else f"{cfg.gradient_steps} gradient step(s) per vector step")
     print(f"{args.algo.upper()} on {args.env}: {cfg.n_envs} envs per task, batch {cfg.batch_size}, "
           f"hidden {cfg.hidden}, {updates}, {args.threads} thread(s), "
-          f"{timed} vector steps timed after a quarter as many untimed")
-    print(f"{'tasks':>6} {'env steps/s (all)':>18} {'env steps/s per task':>21} {'ms per vector step':>19}"
-          f" {'vs one at a time':>17} {'envs alone: steps/s':>20}")
-    base = None
+          f"{timed} vector steps timed after a quarter as many untimed; update precisions side by side")
+    print(f"{'tasks':>6} {'dtype':>6} {'env steps/s (all)':>18} {'per task':>9} {'ms per vector step':>19}"
+          f" {'vs one task':>12} {f'vs {args.dtypes[0]}':>8} {'envs alone: steps/s':>20}")
+    base = {}
     for n_tasks in sorted(set(args.tasks) | {1}):  # one task alone is the baseline
-        vec = envs.MultiTaskVecEnv(args.env, envs.sample_tasks(args.env, n_tasks), cfg.n_envs)
-        agent = make_agent(cfg, n_tasks, vec.obs_dim, vec.act_dim)
-        learn(agent, vec, horizon * max(1, timed // horizon // 4), cfg, desc="warm-up")
-        start = time.perf_counter()
-        learn(agent, vec, timed, cfg, desc=f"{n_tasks} tasks")
-        seconds = time.perf_counter() - start
-        total = n_tasks * cfg.n_envs * timed / seconds
-        base = base or total  # the one-task row
-        print(f"{n_tasks:>6} {total:>18.0f} {total / n_tasks:>21.1f} {1000 * seconds / timed:>19.1f}"
-              f" {total / base:>16.1f}x {env_steps_per_second(vec, timed):>20.0f}", flush=True)
+        first = None
+        for dtype, cfg in configs.items():
+            cfg.warmup = 0  # off-policy: time learning steps from the start
+            torch.manual_seed(0)
+            vec = envs.MultiTaskVecEnv(args.env, envs.sample_tasks(args.env, n_tasks), cfg.n_envs)
+            agent = make_agent(cfg, n_tasks, vec.obs_dim, vec.act_dim)
+            learn(agent, vec, horizon * max(1, timed // horizon // 4), cfg, desc="warm-up")
+            start = time.perf_counter()
+            learn(agent, vec, timed, cfg, desc=f"{n_tasks} tasks, {dtype}")
+            seconds = time.perf_counter() - start
+            total = n_tasks * cfg.n_envs * timed / seconds
+            base.setdefault(dtype, total)  # the one-task row
+            first = first or total
+            print(f"{n_tasks:>6} {dtype:>6} {total:>18.0f} {total / n_tasks:>9.1f} {1000 * seconds / timed:>19.1f}"
+                  f" {total / base[dtype]:>11.1f}x {total / first:>7.2f}x {env_steps_per_second(vec, timed):>20.0f}",
+                  flush=True)
 
 
 def env_steps_per_second(vec, n_steps):
@@ -290,6 +296,8 @@ def main():
     rl.add_argument("--n-envs", type=envs.positive_int, default=5)
     rl.add_argument("--gradient-steps", type=envs.positive_int, default=None,
                     help="off-policy updates per vector step (default: the script's)")
+    rl.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
+                    help="update precisions to time side by side (the scripts' --dtype)")
     rl.add_argument("--threads", type=envs.positive_int, default=torch.get_num_threads())
     rl.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     scan = sub.add_parser("scan", help="Mamba's selective scan, each backend")

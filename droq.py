@@ -58,12 +58,18 @@ class DroQ(sac.SAC):
     def make_critic(self, n_tasks, obs_dim, act_dim, hidden):
         return sac.TwinQ(n_tasks, obs_dim, act_dim, hidden, mlp=functools.partial(dropout_mlp, dropout=self.dropout))
 
+    def policy_q(self, q):
+        """The actor climbs the mean of the Q-functions (DroQ's Algorithm 2, as in REDQ), not SAC's
+        minimum: the minimum's pessimism is already in the critics' targets."""
+        return q.mean(dim=1)
+
     def update(self, obs, act, rew, next_obs):
         """One critic step on every task; the actor and entropy weight every policy_delay-th call."""
-        self.update_critic(obs, act, rew, next_obs)
-        self.n_updates += 1
-        if self.n_updates % self.policy_delay == 0:
-            self.update_actor_and_alpha(obs)
+        with sac.autocast(self.log_alpha.device, self.bf16):
+            self.update_critic(obs, act, rew, next_obs)
+            self.n_updates += 1
+            if self.n_updates % self.policy_delay == 0:
+                self.update_actor_and_alpha(obs)
 
 
 def build_parser():
@@ -85,7 +91,7 @@ def dropout_rate(text):
 def make_droq(args, n_tasks, obs_dim, act_dim):
     return DroQ(n_tasks, obs_dim, act_dim, hidden=args.hidden, lr=args.lr, gamma=args.gamma, tau=args.tau,
                 alpha_init=args.alpha_init, dropout=args.dropout, policy_delay=args.policy_delay,
-                device=args.device)
+                bf16=args.bf16, device=args.device)
 
 
 def main(argv=None):

@@ -350,12 +350,14 @@ class MultiTaskVecEnv:
 
     All episodes have the same fixed length, so every env ends its episode on the same step: `step`
     says when (`episode_over`) and the caller resets all of them together. Copies of one task get
-    different seeds (different initial states)."""
+    different seeds (different initial states); `task_ids` (default 0, 1, ...) are the tasks' indices in
+    their run, so that a task's envs are seeded alike whichever tasks it is stepped beside."""
 
-    def __init__(self, name, tasks, n_envs, seed=0):
+    def __init__(self, name, tasks, n_envs, seed=0, task_ids=None):
         self.horizon = env_settings(name).horizon
+        task_ids = range(len(tasks)) if task_ids is None else task_ids
         self.envs = [[make_env(name, task, seed=seed * 1_000_003 + 1000 * i + j) for j in range(n_envs)]
-                     for i, task in enumerate(tasks)]
+                     for i, task in zip(task_ids, tasks)]
         self.n_tasks, self.n_envs = len(tasks), n_envs
         first = self.envs[0][0]
         self.obs_dim, self.act_dim = first.observation_space.shape[0], first.action_space.shape[0]

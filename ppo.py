@@ -99,8 +99,9 @@ class PPO(nn.Module):
     """A Gaussian policy with a state-independent std and a value network, one pair per task."""
 
     def __init__(self, n_tasks, obs_dim, act_dim, hidden=64, lr=1e-4, gamma=0.99, gae_lambda=0.95, clip=0.2,
-                 vf_coef=0.5, ent_coef=5e-3, epochs=10, batch_size=64, max_grad_norm=0.5, device="cpu"):
+                 vf_coef=0.5, ent_coef=5e-3, epochs=10, batch_size=64, max_grad_norm=0.5, bf16=False, device="cpu"):
         super().__init__()
+        self.bf16 = bf16
         self.gamma, self.gae_lambda, self.clip, self.vf_coef, self.ent_coef = gamma, gae_lambda, clip, vf_coef, ent_coef
         self.epochs, self.batch_size, self.max_grad_norm = epochs, batch_size, max_grad_norm
         self.obs_norm = RunningNorm(n_tasks, obs_dim)
@@ -116,26 +117,34 @@ class PPO(nn.Module):
 
     def dist(self, obs):
         """obs [T, B, obs_dim] (raw) -> the policy's Normal over the pre-clip action, [T, B, act_dim]."""
-        mu = self.actor(self.obs_norm(obs))
+        mu = self.actor(self.obs_norm(obs)).float()  # fp32 from here on, also under bf16 autocast
         return Normal(mu, self.log_std.exp().expand_as(mu))
 
     def value(self, obs):
-        return self.critic(self.obs_norm(obs)).squeeze(-1)
+        return self.critic(self.obs_norm(obs)).float().squeeze(-1)
 
     @torch.no_grad()
     def act(self, obs):
-        """obs [T, E, obs_dim] -> the Gaussian sample u (the env executes clip(u, -1, 1)), and the mean
-        and std of the executed action, clip(u, -1, 1), for the history."""
+        """obs [T, E, obs_dim] -> the Gaussian sample u (the env executes clip(u, -1, 1)), its log-density
+        under the policy that drew it (the behaviour policy of PPO's ratio), and the mean and std of the
+        executed action, clip(u, -1, 1), for the history."""
         pi = self.dist(obs)
-        return pi.sample(), *sac.action_moments(pi.mean, pi.stddev, clip_action, self.normal_nodes)
+        u = pi.sample()
+        return u, pi.log_prob(u).sum(-1), *sac.action_moments(pi.mean, pi.stddev, clip_action, self.normal_nodes)
 
-    def update(self, obs, raw_act, rew, next_obs, episode_end):
-        """One PPO update from a rollout: tensors [T, E, L, ...]; episode_end [L] (bool)."""
+    def update(self, obs, raw_act, old_log_prob, rew, next_obs, episode_end):
+        """One PPO update from a rollout: tensors [T, E, L, ...]; episode_end [L] (bool). old_log_prob is
+        log pi_old(u|s) as computed when acting: the observation statistics move below, so recomputing it
+        now would give another policy than the one that drew the actions."""
+        with sac.autocast(self.log_std.device, self.bf16):
+            self._update(obs, raw_act, old_log_prob, rew, next_obs, episode_end)
+
+    def _update(self, obs, raw_act, old_log_prob, rew, next_obs, episode_end):
         T, E, L = rew.shape
         obs, raw_act, next_obs = obs.flatten(1, 2), raw_act.flatten(1, 2), next_obs.flatten(1, 2)  # [T, E L, .]
+        old_log_prob = old_log_prob.flatten(1, 2)
         self.obs_norm.update(obs)
-        with torch.no_grad():  # the "old" policy and value: this network before any step on this rollout
-            old_log_prob = self.dist(obs).log_prob(raw_act).sum(-1)
+        with torch.no_grad():  # the values before any step on this rollout
             value, next_value = self.value(obs).view(T, E, L), self.value(next_obs).view(T, E, L)
             adv = gae(rew, value, next_value, episode_end, self.gamma, self.gae_lambda)
             ret, adv = (adv + value).flatten(1), adv.flatten(1)
@@ -163,28 +172,30 @@ class PPO(nn.Module):
 
 # ----------------------------------------------------------------------------- rollouts and updates
 
-def collect_and_learn(agent, vec, n_steps, args, desc):
+def collect_and_learn(agent, vec, n_steps, args, desc, task_seeds=None):
     """Run the agent on every env of `vec` for n_steps vector steps, updating after each full rollout
-    of --rollout-steps steps. Returns the filled sac.HistoryBuffer (the history, in order)."""
+    of --rollout-steps steps. Returns the filled sac.HistoryBuffer (the history, in order). (PPO has no
+    random warm-up, so it needs no per-task seeds.)"""
     device = args.device
     buf = sac.HistoryBuffer(vec.n_tasks, vec.n_envs, n_steps, vec.horizon, vec.obs_dim, vec.act_dim, device)
     raw_act = torch.zeros(vec.n_tasks, vec.n_envs, args.rollout_steps, vec.act_dim, device=device)
+    log_prob = torch.zeros(vec.n_tasks, vec.n_envs, args.rollout_steps, device=device)
     task = torch.arange(vec.n_tasks, device=device)[:, None, None]
     env = torch.arange(vec.n_envs, device=device)[None, :, None]
     obs = torch.as_tensor(vec.reset(), device=device)
     start = 0  # first step of the current rollout
     bar = tqdm(range(n_steps), desc=desc, unit="step", dynamic_ncols=True, mininterval=1.0)
     for t in bar:
-        raw, mean, std = agent.act(obs)
+        raw, raw_log_prob, mean, std = agent.act(obs)
         action = clip_action(raw)
         next_obs, rew, episode_over = vec.step(action.cpu().numpy())
         next_obs = torch.as_tensor(next_obs, device=device)
         buf.add(obs, action, torch.as_tensor(rew, device=device), next_obs, mean, std)
-        raw_act[:, :, t - start] = raw
+        raw_act[:, :, t - start], log_prob[:, :, t - start] = raw, raw_log_prob
         obs = torch.as_tensor(vec.reset(), device=device) if episode_over else next_obs
         if t + 1 - start == args.rollout_steps:
             steps = torch.arange(start, t + 1, device=device)
-            agent.update(buf.obs[:, :, start:t + 1], raw_act, buf.rew[:, :, start:t + 1],
+            agent.update(buf.obs[:, :, start:t + 1], raw_act, log_prob, buf.rew[:, :, start:t + 1],
                          buf.next_obs(task, env, steps[None, None]), (steps + 1) % vec.horizon == 0)
             start = t + 1
         if episode_over:  # show the mean return of the episode that just ended
@@ -213,7 +224,7 @@ def make_ppo(args, n_tasks, obs_dim, act_dim):
     return PPO(n_tasks, obs_dim, act_dim, hidden=args.hidden, lr=args.lr, gamma=args.gamma,
                gae_lambda=args.gae_lambda, clip=args.clip, vf_coef=args.vf_coef, ent_coef=args.ent_coef,
                epochs=args.epochs, batch_size=args.batch_size, max_grad_norm=args.max_grad_norm,
-               device=args.device)
+               bf16=args.bf16, device=args.device)
 
 
 def main(argv=None):

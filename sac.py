@@ -24,6 +24,7 @@ Defaults follow Appendix A (an SB3-style SAC: 5 envs per task, one gradient step
 lr 1e-4, batch 256, 400 warm-up steps, buffer 1e6, gamma 0.99) with the per-env overrides of envs.ENVS.
 """
 import argparse
+import datetime
 import functools
 import math
 import os
@@ -81,7 +82,7 @@ class Actor(nn.Module):
         self.register_buffer("normal_nodes", normal_quantile_nodes())
 
     def forward(self, obs):
-        mu, log_std = self.net(obs).chunk(2, dim=-1)
+        mu, log_std = self.net(obs).float().chunk(2, dim=-1)  # fp32 from here on, also under bf16 autocast
         return mu, log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
 
     def sample(self, obs):
@@ -121,24 +122,31 @@ class TwinQ(nn.Module):
         self.net = mlp(2 * n_tasks, obs_dim + act_dim, hidden, 1)
 
     def forward(self, obs, act):
-        """obs [T, B, obs_dim], act [T, B, act_dim] -> Q [T, 2, B]."""
+        """obs [T, B, obs_dim], act [T, B, act_dim] -> Q [T, 2, B] (fp32, also under bf16 autocast)."""
         T, B, _ = obs.shape
         x = torch.cat([obs, act], -1).unsqueeze(1).expand(T, 2, B, -1).reshape(2 * T, B, -1)
-        return self.net(x).view(T, 2, B)
+        return self.net(x).float().view(T, 2, B)
 
 
 # ----------------------------------------------------------------------------- the agent
 
-class SAC:
+class SAC(nn.Module):
+    """Every task's actor, twin critics, their targets and entropy weight (an nn.Module, so that
+    `state_dict` holds all of it). With bf16=True the updates run their matmuls in bfloat16 (autocast:
+    the weights, Adam's state and the losses stay fp32), several times faster where the hardware has
+    bf16 units (this CPU's AMX, recent GPUs)."""
+
     def __init__(self, n_tasks, obs_dim, act_dim, hidden=256, lr=1e-4, gamma=0.99, tau=0.005,
-                 alpha_init=1.0, device="cpu"):
-        self.gamma, self.tau = gamma, tau
-        self.actor = Actor(n_tasks, obs_dim, act_dim, hidden).to(device)
-        self.critic = self.make_critic(n_tasks, obs_dim, act_dim, hidden).to(device)
-        self.critic_target = self.make_critic(n_tasks, obs_dim, act_dim, hidden).to(device)
+                 alpha_init=1.0, bf16=False, device="cpu"):
+        super().__init__()
+        self.gamma, self.tau, self.bf16 = gamma, tau, bf16
+        self.actor = Actor(n_tasks, obs_dim, act_dim, hidden)
+        self.critic = self.make_critic(n_tasks, obs_dim, act_dim, hidden)
+        self.critic_target = self.make_critic(n_tasks, obs_dim, act_dim, hidden)
         self.critic_target.load_state_dict(self.critic.state_dict())
         self.critic_target.requires_grad_(False)
-        self.log_alpha = torch.full((n_tasks, 1), math.log(alpha_init), device=device, requires_grad=True)
+        self.log_alpha = nn.Parameter(torch.full((n_tasks, 1), math.log(alpha_init)))
+        self.to(device)
         self.target_entropy = -act_dim
         self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=lr)
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=lr)
@@ -168,9 +176,13 @@ class SAC:
             for p_target, p in zip(self.critic_target.parameters(), self.critic.parameters()):
                 p_target.lerp_(p, self.tau)
 
+    def policy_q(self, q):
+        """The value the actor climbs, from the twin critics' [T, 2, B]: SAC takes their minimum."""
+        return q.min(dim=1).values
+
     def update_actor_and_alpha(self, obs):
         action, log_prob = self.actor.sample(obs)
-        q = self.critic(obs, action).min(dim=1).values
+        q = self.policy_q(self.critic(obs, action))
         alpha = self.log_alpha.exp().detach()
         actor_loss = (alpha * log_prob - q).mean(-1).sum()
         self.actor_opt.zero_grad(set_to_none=True)
@@ -183,8 +195,27 @@ class SAC:
 
     def update(self, obs, act, rew, next_obs):
         """One gradient step on every task's critic, actor and entropy weight."""
-        self.update_critic(obs, act, rew, next_obs)
-        self.update_actor_and_alpha(obs)
+        with autocast(self.log_alpha.device, self.bf16):
+            self.update_critic(obs, act, rew, next_obs)
+            self.update_actor_and_alpha(obs)
+
+
+def autocast(device, bf16):
+    """bf16 matmuls where asked (torch.autocast); a no-op context otherwise."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def bf16_is_fast(device):
+    """Whether bf16 matmuls have hardware units here: a CUDA GPU that supports them, or a CPU with AMX
+    or AVX512-BF16 (on other CPUs autocast to bf16 still runs, emulated and slower than fp32)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:  # not Linux: do not guess
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 # ----------------------------------------------------------------------------- history = replay buffer
@@ -245,18 +276,20 @@ class HistoryBuffer:
 UNIFORM_STD = 1 / math.sqrt(3)  # std of U(-1, 1): the "policy" of the warm-up steps
 
 
-def collect_and_learn(agent, vec, n_steps, args, desc):
+def collect_and_learn(agent, vec, n_steps, args, desc, task_seeds=None):
     """Run the agent on every env of `vec` for n_steps vector steps, learning as it goes (the same loop
     serves SAC and DroQ, whose `update` differs). Returns the filled HistoryBuffer."""
     device = args.device
     buf = HistoryBuffer(vec.n_tasks, vec.n_envs, n_steps, vec.horizon, vec.obs_dim, vec.act_dim, device)
     warmup = math.ceil(args.warmup / vec.n_envs)  # warm-up counted in transitions per task, like SB3
+    warmup_rngs = [torch.Generator().manual_seed(s)  # each task's own random actions (run: task_seed)
+                   for s in (range(vec.n_tasks) if task_seeds is None else task_seeds)]
     obs = torch.as_tensor(vec.reset(), device=device)
     shape = (vec.n_tasks, vec.n_envs, vec.act_dim)
     bar = tqdm(range(n_steps), desc=desc, unit="step", dynamic_ncols=True, mininterval=1.0)
     for t in bar:
         if t < warmup:  # uniformly random actions fill the buffer before learning starts
-            action = torch.rand(shape, device=device) * 2 - 1
+            action = torch.stack([torch.rand(shape[1:], generator=g) for g in warmup_rngs]).to(device) * 2 - 1
             mean, std = torch.zeros(shape, device=device), torch.full(shape, UNIFORM_STD, device=device)
         else:
             action, mean, std = agent.act(obs)
@@ -292,6 +325,9 @@ def base_parser(algo, description):
     p.add_argument("--threads", type=envs.positive_int, default=None,
                    help="torch CPU threads (default: torch's, one per core; use 1 per job when "
                         "running several jobs at once)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"),
+                   help="matmul precision of the updates (weights and optimiser stay fp32); auto = bf16 "
+                        "where the hardware has bf16 units (AMX, AVX512-BF16, recent GPUs), else fp32")
     p.add_argument("--out", default=None, help=f"output directory (default: data/ENV/{algo}, "
                                                f"data/ENV/{algo}_SPLIT for another --split)")
     p.add_argument("--n-envs", type=envs.positive_int, default=5, help="parallel envs per task")
@@ -323,17 +359,45 @@ def parse_args(parser, argv=None, algo="sac"):
     args = parser.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and dist_env()[1] > 1:  # torchrun: one GPU per process on each machine
+        args.device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
     try:
         torch.empty(0, device=args.device)
     except (RuntimeError, AssertionError) as e:  # a malformed name, or CUDA asked for but absent
         parser.error(f"--device {args.device}: {str(e).splitlines()[0]}")
+    args.bf16 = args.dtype == "bf16" or (args.dtype == "auto" and bf16_is_fast(args.device))
     return args
+
+
+def task_seed(seed, index):
+    """The seed of task `index` of a run: its networks, warm-up actions and envs depend on it alone, not
+    on --parallel or on how many processes share the run."""
+    return seed * 100_003 + index
+
+
+def init_per_task(agent, seeds, make_one):
+    """Give task i of a task-batched agent the initial weights that a one-task agent built right after
+    torch.manual_seed(seeds[i]) gets. Tensors with a task axis first (weights, targets, entropy weights;
+    twin critics hold 2 networks per task) are copied slice by slice; shared constants are left alone."""
+    state = agent.state_dict()
+    for i, seed in enumerate(seeds):
+        torch.manual_seed(seed)
+        for name, one in make_one().state_dict().items():
+            many = state[name]
+            if many.dim() and many.shape[0] == len(seeds) * one.shape[0]:
+                many.view(len(seeds), *one.shape)[i].copy_(one)
+
+
+def dist_env():
+    """(rank, world size) under torchrun (its RANK / WORLD_SIZE variables); (0, 1) for a plain run."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def run(args, algo, make_agent, learn=collect_and_learn):
     """Train every pending task of the run, --parallel at a time, with `learn` (collect_and_learn here,
     ppo.collect_and_learn for PPO), and write one history file per task. Finished tasks are skipped,
-    so a killed run resumes where it stopped."""
+    so a killed run resumes where it stopped. Under torchrun each process takes every world-size-th
+    pending task (one machine or several sharing a filesystem); rank 0 plots once all are done."""
     out = args.out or os.path.join("data", args.env, algo if args.split == "train" else f"{algo}_{args.split}")
     horizon = envs.ENVS[args.env].horizon
     n_episodes = args.steps // (args.n_envs * horizon)
@@ -341,29 +405,42 @@ def run(args, algo, make_agent, learn=collect_and_learn):
         raise ValueError(f"--steps {args.steps} is less than one episode per env "
                          f"({args.n_envs} envs x horizon {horizon})")
     steps = n_episodes * args.n_envs * horizon
+    rank, world = dist_env()
+    if world > 1:  # gloo for a barrier only; no timeout worth the name: ranks may finish hours apart
+        torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(days=30))
     envs.prepare_out_dir(out)
     tasks = envs.sample_tasks(args.env, args.tasks, args.split, seed=args.seed)
     todo = envs.pending_tasks(out, tasks, env=args.env, algo=algo, seed=args.seed, steps=steps)
+    if world > 1:
+        torch.distributed.barrier()  # every rank has read the same pending list before any writes
+    mine = todo[rank::world]
     print(f"{algo} on {args.env}: {args.tasks} tasks x {steps} steps ({n_episodes} episodes x {args.n_envs} "
-          f"envs), {len(todo)} to do, device {args.device} -> {out}")
+          f"envs), {len(todo)} to do" + (f", {len(mine)} of them on rank {rank} of {world}" if world > 1 else "")
+          + f", device {args.device}, {'bf16' if args.bf16 else 'fp32'} updates -> {out}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    parallel = args.parallel or default_parallel(args, len(todo))
-    for start in range(0, len(todo), parallel):
-        chunk = todo[start:start + parallel]
-        torch.manual_seed(args.seed * 100_003 + chunk[0])
-        vec = envs.MultiTaskVecEnv(args.env, tasks[chunk], args.n_envs, seed=args.seed * 100_003 + chunk[0])
+    parallel = args.parallel or default_parallel(args, len(mine))
+    for start in range(0, len(mine), parallel):
+        chunk = mine[start:start + parallel]
+        seeds = [task_seed(args.seed, i) for i in chunk]
+        vec = envs.MultiTaskVecEnv(args.env, tasks[chunk], args.n_envs, seed=args.seed, task_ids=chunk)
         agent = make_agent(args, len(chunk), vec.obs_dim, vec.act_dim)
+        init_per_task(agent, seeds, lambda: make_agent(args, 1, vec.obs_dim, vec.act_dim))
+        torch.manual_seed(seeds[0])  # what follows (minibatches, exploration) is seeded per chunk
         desc = f"tasks {chunk[0]}-{chunk[-1]}" if len(chunk) > 1 else f"task {chunk[0]}"
         t0 = time.perf_counter()
-        buf = learn(agent, vec, n_episodes * horizon, args, desc)
+        buf = learn(agent, vec, n_episodes * horizon, args, desc, seeds)
         seconds = time.perf_counter() - t0
         for i, task_index in enumerate(chunk):
             envs.save_history(envs.history_path(out, task_index), **buf.task_arrays(i), task=tasks[task_index],
                               env=args.env, algo=algo, seed=args.seed, steps=steps)
         print(f"  saved {len(chunk)} histories; {len(chunk) * steps / seconds:.0f} env steps/s in all")
-    final = envs.plot_learning_curves(out, os.path.join(out, "learning_curves.png"))
-    print(f"mean return over the last 10% of episodes: {final:.2f}; curves: {out}/learning_curves.png")
+    if world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    if rank == 0:
+        final = envs.plot_learning_curves(out, os.path.join(out, "learning_curves.png"))
+        print(f"mean return over the last 10% of episodes: {final:.2f}; curves: {out}/learning_curves.png")
 
 
 CPU_ACTIVATION_BUDGET = 12 * 2 ** 20  # bytes
@@ -382,7 +459,7 @@ def default_parallel(args, n_tasks):
 
 def make_sac(args, n_tasks, obs_dim, act_dim):
     return SAC(n_tasks, obs_dim, act_dim, hidden=args.hidden, lr=args.lr, gamma=args.gamma, tau=args.tau,
-               alpha_init=args.alpha_init, device=args.device)
+               alpha_init=args.alpha_init, bf16=args.bf16, device=args.device)
 
 
 def main(argv=None, algo="sac", parser=None, make_agent=make_sac, learn=collect_and_learn):

@@ -314,6 +314,66 @@ def test_resumes_and_skips_finished_tasks(tmp_path, script):
         run("400")
 
 
+ALGOS = {"sac": (sac, sac.make_sac), "droq": (droq, droq.make_droq), "ppo": (ppo, ppo.make_ppo)}
+
+
+@pytest.mark.parametrize("algo", list(ALGOS))
+def test_a_tasks_initial_networks_depend_on_its_index_alone(algo):
+    script, make = ALGOS[algo]
+    parser = script.build_parser() if script is not sac else sac.build_parser("sac", "")
+    args = sac.parse_args(parser, ["--env", "point_goal", "--device", "cpu"], algo)
+    chunk = [3, 5, 6, 9]
+    seeds = [sac.task_seed(0, i) for i in chunk]
+    together = make(args, len(chunk), 2, 2)
+    sac.init_per_task(together, seeds, lambda: make(args, 1, 2, 2))
+    for i, seed in enumerate(seeds):
+        alone = make(args, 1, 2, 2)
+        sac.init_per_task(alone, [seed], lambda: make(args, 1, 2, 2))
+        for name, one in alone.state_dict().items():
+            many = together.state_dict()[name]
+            if many.dim() and many.shape[0] == len(chunk) * one.shape[0]:
+                torch.testing.assert_close(many.view(len(chunk), *one.shape)[i], one, rtol=0, atol=0)
+    weights = [p for name, p in together.state_dict().items() if name.endswith("weight")]
+    assert not torch.equal(weights[0][0], weights[0][1])  # and tasks do differ
+
+
+def _histories(out):
+    names = sorted(f for f in os.listdir(out) if f.endswith(".npz"))
+    return names, [envs.load_history(os.path.join(out, f)) for f in names]
+
+
+def test_torchrun_splits_tasks_and_histories_do_not_depend_on_the_split(tmp_path):
+    """4 Reacher tasks x 250 steps: SAC's random warm-up alone (400 transitions per task), so every
+    byte of a history depends on its task's seed alone: the same with --parallel 1, 4 and 2 processes."""
+    common = ["--env", "reacher_goal", "--tasks", "4", "--steps", "250", "--threads", "1", "--hidden", "16"]
+    sac.main(common + ["--parallel", "1", "--out", str(tmp_path / "p1")])
+    sac.main(common + ["--parallel", "4", "--out", str(tmp_path / "p4")])
+
+    def torchrun():
+        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                 "2", "sac.py", *common, "--out", str(tmp_path / "r2")],
+                                cwd=HERE, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result.stdout
+    stdout = torchrun()
+    assert "2 of them on rank 0 of 2" in stdout and "2 of them on rank 1 of 2" in stdout
+    reference = _histories(tmp_path / "p1")
+    for out in ("p4", "r2"):
+        names, histories = _histories(tmp_path / out)
+        assert names == reference[0] == [f"task_{i:03d}.npz" for i in range(4)]
+        for a, b in zip(reference[1], histories):
+            for key in ("obs", "act", "rew", "act_mean", "act_std", "task"):
+                np.testing.assert_array_equal(a[key], b[key])
+    assert (tmp_path / "r2" / "learning_curves.png").exists()  # rank 0 plots once every rank is done
+    kept = (tmp_path / "r2" / "task_000.npz").read_bytes()
+    for i in (1, 2):  # as if a rank had been killed before writing these
+        os.remove(tmp_path / "r2" / f"task_{i:03d}.npz")
+    assert "2 to do, 1 of them on rank 1 of 2" in torchrun()
+    assert (tmp_path / "r2" / "task_000.npz").read_bytes() == kept
+    for a, b in zip(reference[1], _histories(tmp_path / "r2")[1]):
+        np.testing.assert_array_equal(a["obs"], b["obs"])
+
+
 def _cli(script, *args):
     return subprocess.run([sys.executable, script, *args], cwd=HERE, capture_output=True, text=True,
                           timeout=120)
@@ -380,7 +440,8 @@ def test_ppo_tasks_stay_independent_and_clip_per_task():
         g = torch.Generator().manual_seed(1)
         obs, act = torch.randn(3, 2, 10, 2, generator=g), torch.randn(3, 2, 10, 2, generator=g)
         rew = torch.randn(3, 2, 10, generator=g) * torch.tensor([1.0, scale, 1.0])[:, None, None]
-        agent.update(obs, act, rew, torch.randn(3, 2, 10, 2, generator=g), torch.arange(10) % 5 == 4)
+        old_log_prob = torch.randn(3, 2, 10, generator=g)
+        agent.update(obs, act, old_log_prob, rew, torch.randn(3, 2, 10, 2, generator=g), torch.arange(10) % 5 == 4)
         return [p.detach().clone() for p in agent.parameters()]
     for a, b in zip(one_update(1.0), one_update(1e4)):
         torch.testing.assert_close(a[[0, 2]], b[[0, 2]], rtol=0, atol=0)
@@ -413,8 +474,8 @@ def test_droq_q_network_has_dropout_and_layer_norm():
 
 
 def test_droq_takes_the_configured_gradient_steps():
-    args = droq.build_parser().parse_args(
-        ["--env", "point_goal", "--warmup", "0", "--batch-size", "8", "--hidden", "8", "--device", "cpu"])
+    args = sac.parse_args(droq.build_parser(), ["--env", "point_goal", "--warmup", "0", "--batch-size", "8",
+                                                 "--hidden", "8", "--device", "cpu"], "droq")
     vec = envs.MultiTaskVecEnv("point_goal", envs.sample_tasks("point_goal", 2), n_envs=2)
     agent = droq.make_droq(args, 2, vec.obs_dim, vec.act_dim)
     sac.collect_and_learn(agent, vec, 20, args, desc="test")
