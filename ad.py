@@ -27,6 +27,7 @@ import glob
 import json
 import math
 import os
+import pickle
 import sys
 import tempfile
 
@@ -215,15 +216,47 @@ def choose_action(out, loss, act, generator=None):
 
 # ----------------------------------------------------------------------------- in-context rollouts
 
+class SlidingContext:
+    """A model trained on windows of `window` tokens, rolled out so that it never sees more: when its
+    context holds `window` tokens, a fresh state is primed with the newest window // 2 of them and the
+    rollout goes on, so every output sees between window // 2 and window - 1 earlier tokens. This is the
+    transformer's own slide past its position table (transformer.py), made one protocol for every
+    architecture: without it a windowed Mamba's state would carry the whole rollout."""
+
+    def __init__(self, model, window):
+        self.model, self.window = model, window
+
+    def init_state(self, batch, device=None):
+        return {"inner": self.model.init_state(batch, device), "tokens": []}
+
+    def step(self, x, state):
+        if len(state["tokens"]) == self.window:
+            state["tokens"] = state["tokens"][-(self.window // 2):]
+            state["inner"] = self.model.init_state(x.shape[0], x.device)
+            for token in state["tokens"]:  # re-prime: the kept tokens, replayed from an empty context
+                _, state["inner"] = self.model.step(token, state["inner"])
+        state["tokens"].append(x)
+        y, state["inner"] = self.model.step(x, state["inner"])
+        return y, state
+
+
+def rollout_window(meta, bounded=True):
+    """The context a rollout allows a checkpoint: its training window (None for full streams, or when
+    `bounded` is off: the model's own state then keeps everything, for comparison)."""
+    return meta["context"] if bounded and meta["context"] != "full" else None
+
+
 @torch.no_grad()
-def rollout(model, meta, tasks, n_episodes, n_seeds=1, act="mean", seed=0, device="cpu", desc=None):
+def rollout(model, meta, tasks, n_episodes, n_seeds=1, act="mean", seed=0, device="cpu", desc=None, window=None):
     """In-context RL on `tasks`: n_seeds copies of each task play n_episodes consecutive episodes while the
     model's recurrent state (the context) persists across them; no gradient step. All tasks and seeds go
-    through one model call per time step. Returns the episode returns [tasks, seeds, episodes]."""
+    through one model call per time step. `window`: see at most that many tokens (SlidingContext).
+    Returns the episode returns [tasks, seeds, episodes]."""
     vec = envs.MultiTaskVecEnv(meta["env"], tasks, n_seeds, seed=seed)
     n = vec.n_tasks * vec.n_envs
     stats = {key: value.to(device) for key, value in meta["stats"].items()}
     generator = torch.Generator(device).manual_seed(seed)
+    model = SlidingContext(model, window) if window else model
     state = model.init_state(n, device)
     prev_act, prev_rew = torch.zeros(n, vec.act_dim, device=device), torch.zeros(n, device=device)
     returns = np.zeros((vec.n_tasks, vec.n_envs, n_episodes))
@@ -274,7 +307,10 @@ def load_checkpoint(path, arch=None, device="cpu"):
         path = os.path.join(path, "ckpt.pt")
     if not os.path.isfile(path):
         raise DataError(f"no checkpoint at {path}: train one with `python ad.py`")
-    ckpt = torch.load(path, map_location=device, weights_only=False)
+    try:  # weights_only: tensors and plain types only, so a shared checkpoint cannot run code
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        raise DataError(f"{path} is not a checkpoint written by ad.py ({str(e).splitlines()[0][:120]})") from None
     if not isinstance(ckpt, dict) or "model_config" not in ckpt:
         raise DataError(f"{path} is not a checkpoint written by ad.py")
     if arch is not None and ckpt["model_config"]["arch"] != arch:
@@ -304,21 +340,29 @@ def make_optimizer(model, args):
                               {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
 
 
-def sample_batch(tokens, targets, args, generator):
-    """[batch, length, ...] training samples: whole streams (--context full) or windows inside one stream."""
+def sample_batch(tokens, targets, args, generator, rank=0, world=1):
+    """[batch, length, ...] training samples, with their input noise: whole streams (--context full) or
+    windows inside one stream. Every process draws the same global batch of batch_size x world samples
+    from the shared generator and keeps its own slice, so DDP's averaged gradient is exactly the one
+    process's gradient on the whole global batch."""
     n_streams, L = tokens.shape[:2]
-    rows = torch.randint(n_streams, (args.batch_size,), generator=generator)
+    n, mine = args.batch_size * world, slice(rank * args.batch_size, (rank + 1) * args.batch_size)
+    rows = torch.randint(n_streams, (n,), generator=generator)
     if args.context == "full":
-        return tokens[rows], {key: value[rows] for key, value in targets.items()}
-    starts = torch.randint(L - args.context + 1, (args.batch_size,), generator=generator)
-    cols = starts[:, None] + torch.arange(args.context)
-    return tokens[rows[:, None], cols], {key: value[rows[:, None], cols] for key, value in targets.items()}
+        index = (rows[mine],)
+        length = L
+    else:
+        starts = torch.randint(L - args.context + 1, (n,), generator=generator)
+        index = (rows[mine, None], (starts[:, None] + torch.arange(args.context))[mine])
+        length = args.context
+    noise = args.noise * torch.randn((n, length, tokens.shape[-1]), generator=generator)[mine]
+    return tokens[index] + noise.to(tokens.device), {key: value[index] for key, value in targets.items()}
 
 
-def iters_per_epoch(n_streams, L, args):
-    """One epoch = as many tokens as the training streams hold."""
+def iters_per_epoch(n_streams, L, args, world=1):
+    """One epoch = as many tokens as the training streams hold (global batch: batch_size x world)."""
     length = L if args.context == "full" else args.context
-    return max(1, math.ceil(n_streams * L / (args.batch_size * length)))
+    return max(1, math.ceil(n_streams * L / (args.batch_size * world * length)))
 
 
 @torch.no_grad()
@@ -372,6 +416,12 @@ RUN_KEYS = ("env", "algo", "data", "k", "loss", "context")  # what a --resume mu
 
 
 def train(args):
+    """Train AD; under torchrun, with DistributedDataParallel (gloo on CPU, NCCL on CUDA): every process
+    holds the training streams (CPU-scale and paper-scale data sets fit: about 0.2 GB for Pusher's) and
+    trains on its slice of each global batch; rank 0 alone validates and writes checkpoints."""
+    rank, world = envs.dist_env()
+    if world > 1:
+        torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
     train_set, held_set, model_config, meta = prepare(args)
     out_dir = args.out or os.path.join("out", args.env, args.arch)
     os.makedirs(out_dir, exist_ok=True)
@@ -382,45 +432,54 @@ def train(args):
     optimizer = make_optimizer(model, args)
     generator = torch.Generator().manual_seed(args.seed)
     n_streams, L = train_set[0].shape[:2]
-    total = args.epochs * iters_per_epoch(n_streams, L, args)
+    total = args.epochs * iters_per_epoch(n_streams, L, args, world)
     start, best, log = 0, -math.inf, []
     if args.resume:
-        start, best, log = resume(os.path.join(out_dir, "last.pt"), model, optimizer, generator, model_config, meta)
+        start, best, log = resume(os.path.join(out_dir, "last.pt"), model, optimizer, generator, model_config, meta,
+                                  world)
     elif os.path.exists(os.path.join(out_dir, "last.pt")):  # never overwrite a run's best checkpoint silently
         raise DataError(f"{out_dir} already holds a run: pass --resume to continue it, or another --out")
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
 
     val_tasks = envs.sample_tasks(args.env, args.val_tasks, "val", seed=args.seed)
     zero_return, random_return = (envs.baseline_return(args.env, val_tasks, p) for p in ("zero", "random"))
     floor = strict_floor(zero_return, random_return)
-    print(f"AD-{args.arch} on {args.env}: {n_streams} training streams of {L} tokens ({meta['episodes']} episodes, "
-          f"k={args.k}) from {meta['n_tasks'] - meta['holdout_tasks']} tasks, {len(held_set[0])} held-out streams; "
-          f"{total} updates; device {args.device} -> {out_dir}")
-    print(f"validation: {args.val_tasks} tasks; zero action {zero_return:.2f}, random policy {random_return:.2f}, "
-          f"source {meta['algo']} final {meta['source_final']:.2f} (strict score: {floor:.2f} = 0, source = 1)")
+    log_line = print if rank == 0 else (lambda *a, **k: None)
+    log_line(f"AD-{args.arch} on {args.env}: {n_streams} training streams of {L} tokens ({meta['episodes']} episodes, "
+             f"k={args.k}) from {meta['n_tasks'] - meta['holdout_tasks']} tasks, {len(held_set[0])} held-out streams; "
+             f"{total} updates of {args.batch_size * world} samples ({args.batch_size} per process x {world}); "
+             f"device {args.device}, {'bf16' if args.bf16 else 'fp32'} matmuls -> {out_dir}")
+    log_line(f"validation: {args.val_tasks} tasks; zero action {zero_return:.2f}, random policy {random_return:.2f}, "
+             f"source {meta['algo']} final {meta['source_final']:.2f} (strict score: {floor:.2f} = 0, source = 1)")
 
     def checkpoint(it):
         return {"model_config": model_config, "model": model.state_dict(), "meta": meta, "args": vars(args),
-                "iter": it, "best_score": best, "log": log}
+                "iter": it, "best_score": best, "log": log, "world_size": world}
 
-    bar = tqdm(range(start, total), initial=start, total=total, desc=f"AD-{args.arch}")
+    bar = tqdm(range(start, total), initial=start, total=total, desc=f"AD-{args.arch}", disable=rank > 0)
     model.train()
     for it in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(it, total, args)
-        tokens, targets = sample_batch(*train_set, args, generator)
-        tokens = tokens + args.noise * torch.randn(tokens.shape, generator=generator).to(tokens.device)
-        loss = action_loss(model(tokens), targets, args.loss)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"the loss became {loss.item()} at update {it}: lower --lr or check the data")
+        tokens, targets = sample_batch(*train_set, args, generator, rank, world)
+        with envs.autocast(args.device, args.bf16):
+            out = ddp(tokens)
+        loss = action_loss(out.float(), targets, args.loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if world > 1:  # the mean over the global batch, for the log and the NaN check on every process
+            loss = loss.detach().clone()
+            torch.distributed.all_reduce(loss)
+            loss /= world
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"the loss became {loss.item()} at update {it}: lower --lr or check the data")
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
         bar.set_postfix(loss=f"{loss.item():.4f}", best=f"{best:.2f}", refresh=False)
-        if (it + 1) % args.eval_every == 0 or it + 1 == total:
+        if ((it + 1) % args.eval_every == 0 or it + 1 == total) and rank == 0:
             model.eval()
             returns = rollout(model, meta, val_tasks, meta["episodes"], n_seeds=args.val_seeds, act=args.act,
-                              seed=args.seed, device=args.device)
+                              seed=args.seed, device=args.device, window=rollout_window(meta))
             model.train()
             score = float(normalised(returns[:, :, -5:].mean(), floor, meta["source_final"]))
             entry = {"iter": it + 1, "loss": loss.item(), "val_loss": validation_loss(model, *held_set, args.loss),
@@ -438,16 +497,21 @@ def train(args):
             tqdm.write(f"update {it + 1}: loss {entry['loss']:.4f}, held-out loss {entry['val_loss']:.4f}, "
                        f"validation return first {entry['val_first_episode']:.2f} -> last 5 {entry['val_last5']:.2f}"
                        f" (score {score:.2f}, best {best:.2f})")
-    print(f"best validation score {best:.2f}; checkpoint {out_dir}/ckpt.pt; evaluate with "
-          f"`python evaluate.py {out_dir}`")
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    log_line(f"best validation score {best:.2f}; checkpoint {out_dir}/ckpt.pt; evaluate with "
+             f"`python evaluate.py {out_dir}`")
     return best
 
 
-def resume(path, model, optimizer, generator, model_config, meta):
+def resume(path, model, optimizer, generator, model_config, meta, world):
     """Restore a killed run from last.pt, refusing one made with other data, settings or model."""
     if not os.path.isfile(path):
         raise DataError(f"--resume: no {path} to resume from; drop --resume to start a new run")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if ckpt.get("world_size", 1) != world:
+        raise DataError(f"--resume: {path} was trained by {ckpt.get('world_size', 1)} process(es), this run has "
+                        f"{world}: resume with the same number (the global batch and data order depend on it)")
     if ckpt["model_config"] != model_config:
         raise DataError(f"--resume: {path} holds a {ckpt['model_config']} model, this run asks for {model_config}")
     for key in RUN_KEYS:
@@ -510,7 +574,11 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--threads", type=envs.positive_int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    p.add_argument("--dtype", default="fp32", choices=("auto", "bf16", "fp32"),
+                   help="matmul precision of training (autocast; weights, optimiser and loss stay fp32); auto = "
+                        "bf16 where the hardware has bf16 units (AMX, AVX512-BF16, recent GPUs)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt "
+                                                         "(with as many processes as it was trained with)")
     return p
 
 
@@ -528,6 +596,9 @@ def parse_args(argv=None):
     args.d_ff = args.d_ff or settings.transformer["d_ff"]
     args.weight_decay = settings.weight_decay if args.weight_decay is None else args.weight_decay
     args.device = resolve_device(args.device)
+    if args.device == "cuda" and envs.dist_env()[1] > 1:  # torchrun: one GPU per process on each machine
+        args.device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+    args.bf16 = args.dtype == "bf16" or (args.dtype == "auto" and envs.bf16_is_fast(args.device))
     return args
 
 

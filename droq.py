@@ -65,7 +65,7 @@ class DroQ(sac.SAC):
 
     def update(self, obs, act, rew, next_obs):
         """One critic step on every task; the actor and entropy weight every policy_delay-th call."""
-        with sac.autocast(self.log_alpha.device, self.bf16):
+        with envs.autocast(self.log_alpha.device, self.bf16):
             self.update_critic(obs, act, rew, next_obs)
             self.n_updates += 1
             if self.n_updates % self.policy_delay == 0:

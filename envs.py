@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import gymnasium as gym
 import mujoco
 import numpy as np
+import torch
 from gymnasium import spaces
 from gymnasium.envs.mujoco.ant_v5 import AntEnv
 from gymnasium.envs.mujoco.half_cheetah_v5 import HalfCheetahEnv
@@ -319,6 +320,32 @@ def env_settings(name):
     if name not in ENVS:
         raise ValueError(f"unknown env {name!r}; choose one of: {', '.join(ENVS)}")
     return ENVS[name]
+
+
+# ----------------------------------------------------------------------------- processes and precision
+
+def dist_env():
+    """(rank, world size) of this process under torchrun (its RANK / WORLD_SIZE variables); (0, 1) for a
+    plain run. The RL scripts split their tasks by it, ad.py its batches."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def autocast(device, bf16):
+    """bf16 matmuls where asked (torch.autocast); a no-op context otherwise."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def bf16_is_fast(device):
+    """Whether bf16 matmuls have hardware units here: a CUDA GPU that supports them, or a CPU with AMX
+    or AVX512-BF16 (on other CPUs autocast to bf16 still runs, emulated and slower than fp32)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:  # not Linux: do not guess
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def make_env(name, task=None, seed=None):

@@ -13,6 +13,9 @@ The summary scores the mean return of the last 5 episodes two ways. The strict s
 final return; and against the random policy alone (0 = random), which flatters tasks where standing
 still is far above random (Reacher, Ant-Dir).
 
+A model trained on N-token windows (`ad.py --context N`) sees at most N tokens in its rollout, whatever
+its architecture (ad.SlidingContext); `--unbounded-context` lifts the bound, for comparison.
+
 A directory may also hold a baseline's `results.json` instead of a checkpoint (mql.py, macaw.py write
 one: returns per test task, seed and episode): it is scored and plotted the same way, beside AD.
 
@@ -63,13 +66,15 @@ def evaluate(directory, args):
     meta = ckpt["meta"]
     tasks = envs.sample_tasks(meta["env"], args.tasks, "test", seed=args.seed)
     n_episodes = args.episodes or meta["episodes"]
+    window = ad.rollout_window(meta, bounded=not args.unbounded_context)
     returns = ad.rollout(model, meta, tasks, n_episodes, n_seeds=args.seeds, act=args.act, seed=args.seed,
-                         device=args.device, desc=os.path.basename(os.path.normpath(directory)))
+                         device=args.device, desc=os.path.basename(os.path.normpath(directory)), window=window)
     summary = summarise(returns, meta["env"], tasks, meta["source_final"])
     return {"checkpoint": os.path.abspath(directory), "env": meta["env"], "arch": ckpt["model_config"]["arch"],
             "model_config": ckpt["model_config"], "params": sum(p.numel() for p in model.parameters()),
             "train_seed": ckpt["args"]["seed"], "trained_updates": ckpt["iter"], "algo": meta["algo"],
             "k": meta["k"], "context": meta["context"], "stream_tokens": meta["episodes"] * meta["horizon"],
+            "rollout_window": window,
             "loss": meta["loss"], "act": args.act,
             "seeds": args.seeds, "tasks": tasks.tolist(), "returns": returns.tolist(),
             "source_curve": meta["source_curve"], "summary": summary}
@@ -104,6 +109,8 @@ def label(result):
     config = result["model_config"]
     full = result["context"] == "full"
     context = f"{result['stream_tokens']} tokens (full streams)" if full else f"{result['context']} tokens"
+    if not full and result["rollout_window"] is None:
+        context += ", rolled out unbounded"
     return (f"AD-{result['arch']} {config['d_model']}x{config['n_layer']} ({result['params'] / 1e3:.0f}k params), "
             f"context {context}")
 
@@ -170,6 +177,9 @@ def build_parser():
                    help="consecutive episodes (default: a training stream's length)")
     p.add_argument("--act", default="sample", choices=("mean", "sample"),
                    help="actions: the Gaussian head's mean or a sample of it (mse checkpoints: always the mean)")
+    p.add_argument("--unbounded-context", action="store_true",
+                   help="let a model trained on N-token windows see the whole rollout (Mamba's state keeps "
+                        "everything); by default every architecture sees at most its training window")
     p.add_argument("--out", default=None, help="where eval.json and incontext.png go (default: the checkpoint's "
                                                "directory; out/compare for several)")
     p.add_argument("--seed", type=int, default=0)

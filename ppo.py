@@ -136,7 +136,7 @@ class PPO(nn.Module):
         """One PPO update from a rollout: tensors [T, E, L, ...]; episode_end [L] (bool). old_log_prob is
         log pi_old(u|s) as computed when acting: the observation statistics move below, so recomputing it
         now would give another policy than the one that drew the actions."""
-        with sac.autocast(self.log_std.device, self.bf16):
+        with envs.autocast(self.log_std.device, self.bf16):
             self._update(obs, raw_act, old_log_prob, rew, next_obs, episode_end)
 
     def _update(self, obs, raw_act, old_log_prob, rew, next_obs, episode_end):

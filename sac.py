@@ -195,27 +195,9 @@ class SAC(nn.Module):
 
     def update(self, obs, act, rew, next_obs):
         """One gradient step on every task's critic, actor and entropy weight."""
-        with autocast(self.log_alpha.device, self.bf16):
+        with envs.autocast(self.log_alpha.device, self.bf16):
             self.update_critic(obs, act, rew, next_obs)
             self.update_actor_and_alpha(obs)
-
-
-def autocast(device, bf16):
-    """bf16 matmuls where asked (torch.autocast); a no-op context otherwise."""
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
-
-
-def bf16_is_fast(device):
-    """Whether bf16 matmuls have hardware units here: a CUDA GPU that supports them, or a CPU with AMX
-    or AVX512-BF16 (on other CPUs autocast to bf16 still runs, emulated and slower than fp32)."""
-    if torch.device(device).type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:  # not Linux: do not guess
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 # ----------------------------------------------------------------------------- history = replay buffer
@@ -359,13 +341,13 @@ def parse_args(parser, argv=None, algo="sac"):
     args = parser.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and dist_env()[1] > 1:  # torchrun: one GPU per process on each machine
+    if args.device == "cuda" and envs.dist_env()[1] > 1:  # torchrun: one GPU per process on each machine
         args.device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
     try:
         torch.empty(0, device=args.device)
     except (RuntimeError, AssertionError) as e:  # a malformed name, or CUDA asked for but absent
         parser.error(f"--device {args.device}: {str(e).splitlines()[0]}")
-    args.bf16 = args.dtype == "bf16" or (args.dtype == "auto" and bf16_is_fast(args.device))
+    args.bf16 = args.dtype == "bf16" or (args.dtype == "auto" and envs.bf16_is_fast(args.device))
     return args
 
 
@@ -388,11 +370,6 @@ def init_per_task(agent, seeds, make_one):
                 many.view(len(seeds), *one.shape)[i].copy_(one)
 
 
-def dist_env():
-    """(rank, world size) under torchrun (its RANK / WORLD_SIZE variables); (0, 1) for a plain run."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
 def run(args, algo, make_agent, learn=collect_and_learn):
     """Train every pending task of the run, --parallel at a time, with `learn` (collect_and_learn here,
     ppo.collect_and_learn for PPO), and write one history file per task. Finished tasks are skipped,
@@ -405,7 +382,7 @@ def run(args, algo, make_agent, learn=collect_and_learn):
         raise ValueError(f"--steps {args.steps} is less than one episode per env "
                          f"({args.n_envs} envs x horizon {horizon})")
     steps = n_episodes * args.n_envs * horizon
-    rank, world = dist_env()
+    rank, world = envs.dist_env()
     if world > 1:  # gloo for a barrier only; no timeout worth the name: ranks may finish hours apart
         torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(days=30))
     envs.prepare_out_dir(out)

@@ -634,8 +634,8 @@ def test_ad_checkpoint_resume_and_evaluation(tmp_path, monkeypatch):
     monkeypatch.setattr(ad, "lr_at", lr_at)
     killed.resume = True
     ad.train(killed)
-    a = torch.load(tmp_path / "whole" / "last.pt", weights_only=False)
-    b = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    a = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)  # tensors and plain types only
+    b = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert a["iter"] == b["iter"] == 8
     for key in a["model"]:
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=0)
@@ -732,6 +732,56 @@ def test_transformer_step_reproduces_forward_and_slides_past_max_len():
             torch.testing.assert_close(steps[:, t], model(x[:, start:t + 1])[:, -1], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="longer than this transformer's max_len 12"):
         model(x[:, :13])
+
+
+def test_sliding_context_bounds_any_model_to_its_training_window():
+    """ad.SlidingContext: past `window` tokens, each step of a Mamba equals its forward over the newest
+    tokens the slide keeps (window // 2 kept + the new ones), exactly as the transformer's own slide;
+    on a transformer with max_len = window the wrapper changes nothing."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 30, 5)
+    for model in (mamba.Mamba(5, 3, 16, 2, d_state=4).eval(), _tiny_transformer(max_len=12)):
+        with torch.no_grad():
+            bounded, own = ad.SlidingContext(model, 12), model
+            outputs = {}
+            for name, m in (("bounded", bounded), ("own", own)):
+                state, ys = m.init_state(2), []
+                for t in range(30):
+                    y, state = m.step(x[:, t], state)
+                    ys.append(y)
+                outputs[name] = torch.stack(ys, 1)
+            for t in range(30):
+                start = 0 if t < 12 else 6 * ((t - 6) // 6)
+                torch.testing.assert_close(outputs["bounded"][:, t], model(x[:, start:t + 1])[:, -1],
+                                           rtol=1e-4, atol=1e-5)
+        if isinstance(model, transformer.Transformer):
+            torch.testing.assert_close(outputs["bounded"], outputs["own"], rtol=1e-5, atol=1e-6)
+        else:  # unbounded, Mamba's state keeps every token: its late outputs differ
+            assert not torch.allclose(outputs["bounded"][:, 20:], outputs["own"][:, 20:])
+
+
+def test_ddp_two_processes_equal_one_process_with_the_global_batch(tmp_path):
+    """torchrun, 2 processes (gloo) with 2 samples each vs one process with 4: after a few updates the
+    parameters agree to float tolerance (the global batch and its noise are the same draws), and the
+    checkpoint records the world size, which --resume then requires."""
+    _write_point_histories(tmp_path / "data")
+    common = ["--env", "point_goal", "--data", str(tmp_path / "data"), "--d-model", "8", "--n-layer", "1",
+              "--d-state", "4", "--k", "2", "--val-tasks", "2", "--val-seeds", "1", "--warmup-iters", "2",
+              "--threads", "1", "--device", "cpu", "--epochs", "4", "--eval-every", "100"]
+    ad.main(common + ["--batch-size", "4", "--out", str(tmp_path / "one")])
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "ad.py", *common, "--batch-size", "2", "--out", str(tmp_path / "two")],
+                            cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "of 4 samples (2 per process x 2)" in result.stdout
+    one = torch.load(tmp_path / "one" / "last.pt", weights_only=True)
+    two = torch.load(tmp_path / "two" / "last.pt", weights_only=True)
+    assert one["iter"] == two["iter"] > 3 and (one["world_size"], two["world_size"]) == (1, 2)
+    for key in one["model"]:
+        torch.testing.assert_close(one["model"][key], two["model"][key], rtol=1e-4, atol=1e-5)
+    assert not torch.equal(one["model"]["embed.weight"], ad.build_model(one["model_config"]).embed.weight)
+    with pytest.raises(SystemExit, match="trained by 2 process"):
+        ad.main(common + ["--batch-size", "2", "--out", str(tmp_path / "two"), "--resume"])
 
 
 @pytest.mark.parametrize("arch", ["mamba", "transformer"])
