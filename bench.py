@@ -14,6 +14,9 @@
         In-context rollout cost: per-step latency of Mamba.step and Transformer.step (KV cache) at the
         env's ENVS sizes once 1k..64k tokens of context have been consumed, and the memory the context
         takes; prints a table and saves a plot (--plot, default figures/rollout_latency.png).
+    python bench.py ad [--env point_goal] [--batch 16] [--length 200]
+        AD training updates per second for Mamba and the transformer at the env's ENVS sizes, fp32 against
+        bf16 autocast (ad.py --dtype), side by side.
 Small models run faster and steadier on one thread; the machine is shared, so compare rows of one run.
 """
 import argparse
@@ -220,6 +223,52 @@ def bench_rollout(args):
     return rows
 
 
+def bench_ad(args):
+    """AD training updates per second (forward, backward, AdamW step, as ad.train runs them) for both
+    architectures at the env's ENVS CPU sizes (or --d-model/--n-layer), fp32 against bf16 autocast, side
+    by side in one run: the same random tokens, median of --repeats timings of --updates updates."""
+    torch.set_num_threads(args.threads)
+    settings = envs.ENVS[args.env]
+    vec = envs.MultiTaskVecEnv(args.env, envs.sample_tasks(args.env, 1, "test"), 1)
+    d_in, d_out = ad.model_io(vec.obs_dim, vec.act_dim, "nll")
+    tokens = torch.randn(args.batch, args.length, d_in, device=args.device)
+    targets = {key: torch.rand(args.batch, args.length, vec.act_dim, device=args.device)
+               for key in ("act", "act_mean", "act_std")}
+    opt_args = argparse.Namespace(lr=1e-3, weight_decay=1e-4)
+    print(f"AD training on {args.env} tokens: batch {args.batch} x {args.length} tokens, {args.threads} thread(s), "
+          f"device {args.device}; median of {args.repeats} x {args.updates} updates")
+    for arch in ("mamba", "transformer"):
+        sizes = {**getattr(settings, arch), "d_state": 16}
+        config = ad.arch_config(arch, sizes, d_in, d_out, max_len=args.length)
+        rates = {}
+        for dtype in args.dtypes:
+            torch.manual_seed(0)
+            model = ad.build_model(config).to(args.device)
+            optimizer = ad.make_optimizer(model, opt_args)
+
+            def update():
+                with envs.autocast(args.device, dtype == "bf16"):
+                    out = model(tokens)
+                loss = ad.action_loss(out.float(), targets, "nll")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            update()  # warm-up
+            times = []
+            for _ in range(args.repeats):
+                _sync(args.device)
+                start = time.perf_counter()
+                for _ in range(args.updates):
+                    update()
+                _sync(args.device)
+                times.append((time.perf_counter() - start) / args.updates)
+            rates[dtype] = 1 / statistics.median(times)
+            print(f"  {arch:<11} {config['d_model']}x{config['n_layer']} ({ad.count_params(config):,} params)  "
+                  f"{dtype}: {rates[dtype]:7.2f} updates/s", flush=True)
+        if len(rates) == 2:
+            print(f"  {arch}: bf16 / fp32 = {rates['bf16'] / rates['fp32']:.2f}x")
+
+
 def filled_state(model, batch, context, device):
     """A state as after `context` tokens: Mamba's fixed-size one, or a KV cache holding `context` tokens."""
     state = model.init_state(batch, device)
@@ -318,8 +367,17 @@ def main():
     rollout.add_argument("--plot", default=os.path.join("figures", "rollout_latency.png"))
     rollout.add_argument("--threads", type=envs.positive_int, default=1)
     rollout.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    train = sub.add_parser("ad", help="AD training updates per second, both archs, fp32 vs bf16")
+    train.add_argument("--env", default="point_goal", choices=list(envs.ENVS), help="token widths and ENVS sizes")
+    train.add_argument("--batch", type=envs.positive_int, default=16)
+    train.add_argument("--length", type=envs.positive_int, default=200, help="tokens per sample")
+    train.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    train.add_argument("--updates", type=envs.positive_int, default=5)
+    train.add_argument("--repeats", type=envs.positive_int, default=3)
+    train.add_argument("--threads", type=envs.positive_int, default=1)
+    train.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
-    {"rl": bench_rl, "scan": bench_scan, "rollout": bench_rollout}[args.bench](args)
+    {"rl": bench_rl, "scan": bench_scan, "rollout": bench_rollout, "ad": bench_ad}[args.bench](args)
 
 
 if __name__ == "__main__":

@@ -60,16 +60,17 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         y, last_state = _scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
         return (y, last_state) if return_last_state else y
     dtype = u.dtype
-    u, delta, A, B, C = (t.float() for t in (u, delta, A, B, C))
-    if delta_bias is not None:
-        delta = delta + delta_bias.float()[:, None]
-    if delta_softplus:
-        delta = F.softplus(delta)
-    y, last_state = (_scan_ref if backend == "ref" else SelectiveScanFn.apply)(u, delta, A, B, C)
-    if D is not None:
-        y = y + D.float()[:, None] * u
-    if z is not None:
-        y = y * F.silu(z.float())
+    with torch.autocast(u.device.type, enabled=False):  # fp32 even inside a bf16 autocast region
+        u, delta, A, B, C = (t.float() for t in (u, delta, A, B, C))
+        if delta_bias is not None:
+            delta = delta + delta_bias.float()[:, None]
+        if delta_softplus:
+            delta = F.softplus(delta)
+        y, last_state = (_scan_ref if backend == "ref" else SelectiveScanFn.apply)(u, delta, A, B, C)
+        if D is not None:
+            y = y + D.float()[:, None] * u
+        if z is not None:
+            y = y * F.silu(z.float())
     return (y.to(dtype), last_state) if return_last_state else y.to(dtype)
 
 

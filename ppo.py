@@ -99,12 +99,17 @@ class PPO(nn.Module):
     """A Gaussian policy with a state-independent std and a value network, one pair per task."""
 
     def __init__(self, n_tasks, obs_dim, act_dim, hidden=64, lr=1e-4, gamma=0.99, gae_lambda=0.95, clip=0.2,
-                 vf_coef=0.5, ent_coef=5e-3, epochs=10, batch_size=64, max_grad_norm=0.5, bf16=False, device="cpu"):
+                 vf_coef=0.5, ent_coef=5e-3, epochs=10, batch_size=64, max_grad_norm=0.5, norm_reward=False,
+                 bf16=False, device="cpu"):
         super().__init__()
         self.bf16 = bf16
         self.gamma, self.gae_lambda, self.clip, self.vf_coef, self.ent_coef = gamma, gae_lambda, clip, vf_coef, ent_coef
         self.epochs, self.batch_size, self.max_grad_norm = epochs, batch_size, max_grad_norm
         self.obs_norm = RunningNorm(n_tasks, obs_dim)
+        # SB3 VecNormalize's reward scaling, when asked: rewards divided by the running std of each task's
+        # discounted return (the running return itself is carried across rollouts, reset at episode ends)
+        self.return_norm = RunningNorm(n_tasks, 1) if norm_reward else None
+        self.running_return = None
         self.actor = sac.task_mlp(n_tasks, obs_dim, hidden, act_dim, activation=nn.Tanh)
         with torch.no_grad():  # start near the zero action (CleanRL/SB3 scale the last layer by 0.01)
             self.actor[-1].weight.mul_(0.01)
@@ -144,6 +149,8 @@ class PPO(nn.Module):
         obs, raw_act, next_obs = obs.flatten(1, 2), raw_act.flatten(1, 2), next_obs.flatten(1, 2)  # [T, E L, .]
         old_log_prob = old_log_prob.flatten(1, 2)
         self.obs_norm.update(obs)
+        if self.return_norm is not None:
+            rew = self.scale_rewards(rew, episode_end)
         with torch.no_grad():  # the values before any step on this rollout
             value, next_value = self.value(obs).view(T, E, L), self.value(next_obs).view(T, E, L)
             adv = gae(rew, value, next_value, episode_end, self.gamma, self.gae_lambda)
@@ -154,6 +161,18 @@ class PPO(nn.Module):
             for start in range(0, n, self.batch_size):
                 i = order[:, start:start + self.batch_size]
                 self.step(obs[task, i], raw_act[task, i], old_log_prob[task, i], adv[task, i], ret[task, i])
+
+    def scale_rewards(self, rew, episode_end):
+        """rew [T, E, L] / the running std of the discounted return, clipped to [-10, 10] (SB3's defaults)."""
+        returns = torch.empty_like(rew)
+        running = torch.zeros_like(rew[..., 0]) if self.running_return is None else self.running_return
+        for t in range(rew.shape[-1]):
+            running = running * self.gamma + rew[..., t]
+            returns[..., t] = running
+            running = running * (~episode_end[t])
+        self.running_return = running
+        self.return_norm.update(returns.flatten(1)[..., None])
+        return (rew / (self.return_norm.var + 1e-8).sqrt()).clamp(-10, 10)  # var [T, 1, 1] broadcasts
 
     def step(self, obs, raw_act, old_log_prob, adv, ret):
         """One gradient step on a minibatch [T, B, ...] of every task."""
@@ -217,6 +236,9 @@ def build_parser():
     p.add_argument("--ent-coef", type=float, default=5e-3, help="weight of the entropy bonus")
     p.add_argument("--max-grad-norm", type=float, default=0.5, help="gradient clipping, per task")
     p.add_argument("--hidden", type=envs.positive_int, default=64, help="units in each of the 2 hidden layers")
+    p.add_argument("--norm-reward", action="store_true",
+                   help="scale each task's rewards by the running std of its discounted return (SB3 "
+                        "VecNormalize); the history keeps the true rewards")
     return p
 
 
@@ -224,7 +246,7 @@ def make_ppo(args, n_tasks, obs_dim, act_dim):
     return PPO(n_tasks, obs_dim, act_dim, hidden=args.hidden, lr=args.lr, gamma=args.gamma,
                gae_lambda=args.gae_lambda, clip=args.clip, vf_coef=args.vf_coef, ent_coef=args.ent_coef,
                epochs=args.epochs, batch_size=args.batch_size, max_grad_norm=args.max_grad_norm,
-               bf16=args.bf16, device=args.device)
+               norm_reward=args.norm_reward, bf16=args.bf16, device=args.device)
 
 
 def main(argv=None):
