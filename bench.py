@@ -34,6 +34,7 @@ import droq
 import envs
 import mamba
 import ppo
+import rl
 import sac
 
 matplotlib.use("Agg")
@@ -52,7 +53,7 @@ def bench_rl(args):
     argv = ["--env", args.env, "--device", args.device, "--n-envs", str(args.n_envs)]
     if args.gradient_steps:
         argv += ["--gradient-steps", str(args.gradient_steps)]
-    configs = {dtype: sac.parse_args(build_parser(), argv + ["--dtype", dtype], args.algo) for dtype in args.dtypes}
+    configs = {dtype: rl.parse_args(build_parser(), argv + ["--dtype", dtype], args.algo) for dtype in args.dtypes}
     cfg = configs[args.dtypes[0]]  # the script's defaults for this env
     horizon = envs.ENVS[args.env].horizon
     unit = math.lcm(horizon, getattr(cfg, "rollout_steps", 1))  # whole episodes (and PPO: whole rollouts)
@@ -337,18 +338,18 @@ def shape_arg(text):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="bench", required=True)
-    rl = sub.add_parser("rl", help="multi-task RL throughput")
-    rl.add_argument("--algo", default="sac", choices=list(RL_ALGOS))
-    rl.add_argument("--env", default="reacher_goal", choices=list(envs.ENVS))
-    rl.add_argument("--tasks", type=envs.positive_int, nargs="+", default=[10, 20, 70])
-    rl.add_argument("--vector-steps", type=envs.positive_int, default=200)
-    rl.add_argument("--n-envs", type=envs.positive_int, default=5)
-    rl.add_argument("--gradient-steps", type=envs.positive_int, default=None,
+    rl_parser = sub.add_parser("rl", help="multi-task RL throughput")
+    rl_parser.add_argument("--algo", default="sac", choices=list(RL_ALGOS))
+    rl_parser.add_argument("--env", default="reacher_goal", choices=list(envs.ENVS))
+    rl_parser.add_argument("--tasks", type=envs.positive_int, nargs="+", default=[10, 20, 70])
+    rl_parser.add_argument("--vector-steps", type=envs.positive_int, default=200)
+    rl_parser.add_argument("--n-envs", type=envs.positive_int, default=5)
+    rl_parser.add_argument("--gradient-steps", type=envs.positive_int, default=None,
                     help="off-policy updates per vector step (default: the script's)")
-    rl.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
+    rl_parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
                     help="update precisions to time side by side (the scripts' --dtype)")
-    rl.add_argument("--threads", type=envs.positive_int, default=torch.get_num_threads())
-    rl.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    rl_parser.add_argument("--threads", type=envs.positive_int, default=torch.get_num_threads())
+    rl_parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     scan = sub.add_parser("scan", help="Mamba's selective scan, each backend")
     scan.add_argument("--shapes", type=shape_arg, nargs="+", default=None,
                       help="BATCHxDIMxL (default: a few CPU-sized shapes; on a GPU dim 1536, L 1k to 64k)")

@@ -8,11 +8,17 @@ ensemble). Everything else is sac.py; this file is only what changes:
   - the critics (`dropout_mlp`, with a per-task LayerNorm so that tasks trained together stay
     independent: nn.LayerNorm's affine weights would be shared by every task),
   - the update: --gradient-steps critic updates per vector step, the actor and entropy weight
-    every --policy-delay-th of them.
-Appendix A reads like SB3-contrib/sbx settings: 5 envs per task, 3 gradient steps per vector step and a
-policy update every 3, i.e. 0.6 critic and 0.2 actor updates per transition; lr 1e-4, batch 256,
-400 warm-up steps, buffer 1e6. Dropout 0.01 is the DroQ paper's. The per-env overrides of envs.ENVS
-apply (on Ant-Dir, lr 1e-3 and an initial entropy weight of 0.1: measured, see the README).
+    every --policy-delay-th of them;
+  - the actor climbs the mean of the Q-functions (DroQ's Algorithm 2, as REDQ does), not SAC's minimum.
+
+The update-to-data ratio actually run: Appendix A reads like SB3-contrib/sbx settings, 5 envs per task,
+3 gradient steps per vector step and a policy update every 3, i.e. 0.6 critic and 0.2 actor updates per
+transition (lr 1e-4, batch 256, 400 warm-up steps, buffer 1e6): the default here. The DroQ paper's own
+ratio is 20 critic updates and 1 actor update per transition:
+    python droq.py --env reacher_goal --n-envs 1 --gradient-steps 20 --policy-delay 20
+(33 times the critic updates per transition; both measured on Reacher in RESULTS.md). Dropout 0.01 is
+the DroQ paper's. The per-env overrides of envs.ENVS apply (on Ant-Dir, lr 1e-3 and an initial entropy
+weight of 0.1: measured, see RESULTS.md).
 
     python droq.py --env ant_dir --tasks 30           # -> data/ant_dir/droq/task_*.npz
 """
@@ -24,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import envs
+import rl
 import sac
 
 
@@ -44,8 +51,8 @@ def dropout_mlp(n, d_in, hidden, d_out, dropout, n_hidden=2):
     sizes = [d_in] + [hidden] * n_hidden
     layers = []
     for a, b in zip(sizes[:-1], sizes[1:]):
-        layers += [sac.TaskLinear(n, a, b), nn.Dropout(dropout), TaskLayerNorm(n, b), nn.ReLU(inplace=True)]
-    return nn.Sequential(*layers, sac.TaskLinear(n, sizes[-1], d_out))
+        layers += [rl.TaskLinear(n, a, b), nn.Dropout(dropout), TaskLayerNorm(n, b), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers, rl.TaskLinear(n, sizes[-1], d_out))
 
 
 class DroQ(sac.SAC):
@@ -95,7 +102,7 @@ def make_droq(args, n_tasks, obs_dim, act_dim):
 
 
 def main(argv=None):
-    sac.main(argv, "droq", build_parser(), make_droq)
+    rl.main(argv, "droq", build_parser(), make_droq, sac.collect_and_learn)
 
 
 if __name__ == "__main__":

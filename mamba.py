@@ -17,6 +17,8 @@ h_t = a_t * h_{t-1} + b_t step by step. Three paths, one semantics:
            closed forms (they divide by products of decays, which underflow);
   "triton" the fused GPU kernel (Triton, forward and backward, below), picked by backend="auto" for CUDA
            tensors; on a CPU it runs only under Triton's interpreter (TRITON_INTERPRET=1: the tests).
+The file reads in that order: the scan and its reference, the block and the model, then the two fast
+paths.
 
 `Mamba` stacks residual blocks (RMSNorm -> MambaBlock) between an input and an output projection.
 `forward` reads a whole sequence; `init_state`/`step` read it one token at a time with O(1) time and
@@ -42,7 +44,7 @@ except ImportError:  # no Triton wheel (e.g. macOS): the kernels below are defin
 BACKENDS = ("auto", "ref", "torch", "triton")
 
 
-# ----------------------------------------------------------------------------- the selective scan
+# ----------------------------------------------------------------------------- the selective scan (S6)
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, backend="auto",
                    return_last_state=False):
@@ -97,6 +99,124 @@ def _scan_ref(u, delta, A, B, C):
         ys.append((h * C[:, None, :, t]).sum(-1))
     return torch.stack(ys, dim=-1), h
 
+
+# ----------------------------------------------------------------------------- the Mamba block
+
+class MambaBlock(nn.Module):
+    """in_proj -> (x, z); x -> causal depthwise conv -> SiLU -> S6 scan; gate with silu(z); out_proj."""
+
+    def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_min=1e-3, dt_max=0.1, dt_floor=1e-4):
+        super().__init__()
+        self.d_inner = d_inner = expand * d_model
+        self.dt_rank = dt_rank = math.ceil(d_model / 16)
+        self.d_state, self.d_conv = d_state, d_conv
+        self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
+        self.conv1d = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, padding=d_conv - 1)
+        self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True)
+        self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+
+        # Step sizes start log-uniform in [dt_min, dt_max]: the bias is softplus^-1(dt) = dt + log(1 - e^-dt).
+        nn.init.uniform_(self.dt_proj.weight, -dt_rank ** -0.5, dt_rank ** -0.5)
+        dt = torch.exp(torch.rand(d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp_min(dt_floor)
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        # S4D-real initialisation A[d, n] = -(n + 1), kept as log(-A) so that A stays negative (stable decay).
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(d_inner, 1))
+        self.D = nn.Parameter(torch.ones(d_inner))
+        self.A_log._no_weight_decay = self.D._no_weight_decay = True
+
+    def A(self):
+        """The state matrix (diagonal, one row per channel), negative so that exp(delta A) decays."""
+        return -torch.exp(self.A_log.float())
+
+    def forward(self, hidden, backend="auto"):
+        """hidden [batch, L, d_model] -> [batch, L, d_model]."""
+        L = hidden.shape[1]
+        x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)              # [batch, d_inner, L] each
+        x = F.silu(self.conv1d(x)[..., :L])                                       # causal: drop the right pad
+        dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = (dt @ self.dt_proj.weight.T).transpose(1, 2)                      # bias goes in as delta_bias
+        y = selective_scan(x, delta, self.A(), B.transpose(1, 2), C.transpose(1, 2),
+                           self.D.float(), z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+                           backend=backend)
+        return self.out_proj(y.transpose(1, 2))
+
+    def init_state(self, batch, device=None):
+        """(conv window of the last d_conv inputs, SSM state h), zero as before the first token."""
+        return (torch.zeros(batch, self.d_inner, self.d_conv, device=device),
+                torch.zeros(batch, self.d_inner, self.d_state, device=device))
+
+    def step(self, hidden, state):
+        """One token: hidden [batch, d_model] -> ([batch, d_model], new state). Same maths as forward."""
+        conv_window, h = state
+        x, z = self.in_proj(hidden).chunk(2, dim=-1)
+        conv_window = torch.cat([conv_window[:, :, 1:], x[..., None]], dim=-1)
+        x = F.silu((conv_window * self.conv1d.weight[:, 0]).sum(-1) + self.conv1d.bias)
+        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = F.softplus(self.dt_proj(dt))                                      # [batch, d_inner]
+        h = torch.exp(delta[..., None] * self.A()) * h + (delta * x)[..., None] * B[:, None, :]
+        y = (h @ C[..., None]).squeeze(-1) + self.D * x
+        return self.out_proj(y * F.silu(z)), (conv_window, h)
+
+
+# ----------------------------------------------------------------------------- the model
+
+class ResidualBlock(nn.Module):
+    """x + MambaBlock(RMSNorm(x)): the pre-norm residual of the reference model."""
+
+    def __init__(self, d_model, **block_kwargs):
+        super().__init__()
+        self.norm = nn.RMSNorm(d_model, eps=1e-5)
+        self.mixer = MambaBlock(d_model, **block_kwargs)
+
+    def forward(self, x, backend="auto"):
+        return x + self.mixer(self.norm(x), backend=backend)
+
+    def step(self, x, state):
+        y, state = self.mixer.step(self.norm(x), state)
+        return x + y, state
+
+
+class Mamba(nn.Module):
+    """A sequence model from d_in-dimensional tokens to d_out-dimensional outputs:
+    Linear(d_in, d_model) -> n_layer residual Mamba blocks -> RMSNorm -> Linear(d_model, d_out)."""
+
+    def __init__(self, d_in, d_out, d_model, n_layer, d_state=16, d_conv=4, expand=2):
+        super().__init__()
+        self.embed = nn.Linear(d_in, d_model)
+        self.layers = nn.ModuleList(
+            ResidualBlock(d_model, d_state=d_state, d_conv=d_conv, expand=expand) for _ in range(n_layer))
+        self.norm_f = nn.RMSNorm(d_model, eps=1e-5)
+        self.head = nn.Linear(d_model, d_out)
+        # As in the reference: shrink each residual branch's output so the residual stream's variance
+        # does not grow with depth at initialisation (GPT-2's scheme).
+        for layer in self.layers:
+            with torch.no_grad():
+                layer.mixer.out_proj.weight /= math.sqrt(n_layer)
+
+    def forward(self, x, backend="auto"):
+        """x [batch, T, d_in] -> [batch, T, d_out]."""
+        h = self.embed(x)
+        for layer in self.layers:
+            h = layer(h, backend=backend)
+        return self.head(self.norm_f(h))
+
+    def init_state(self, batch, device=None):
+        return [layer.mixer.init_state(batch, device) for layer in self.layers]
+
+    def step(self, x, state):
+        """One token x [batch, d_in] -> (y [batch, d_out], state): O(1) time and memory per token."""
+        h = self.embed(x)
+        new_state = []
+        for layer, layer_state in zip(self.layers, state):
+            h, layer_state = layer.step(h, layer_state)
+            new_state.append(layer_state)
+        return self.head(self.norm_f(h)), new_state
+
+
+# ----------------------------------------------------------------------------- the fast scans: the CPU loop
 
 class SelectiveScanFn(torch.autograd.Function):
     """The scan for the CPU: a loop over time whose every step touches one [batch, dim, N] slab that
@@ -411,119 +531,3 @@ def _or(tensor, dummy):
 
 
 _INTERPRETED = type(_scan_fwd_kernel).__name__ == "InterpretedFunction"  # TRITON_INTERPRET=1 when defined
-
-
-# ----------------------------------------------------------------------------- the Mamba block
-
-class MambaBlock(nn.Module):
-    """in_proj -> (x, z); x -> causal depthwise conv -> SiLU -> S6 scan; gate with silu(z); out_proj."""
-
-    def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_min=1e-3, dt_max=0.1, dt_floor=1e-4):
-        super().__init__()
-        self.d_inner = d_inner = expand * d_model
-        self.dt_rank = dt_rank = math.ceil(d_model / 16)
-        self.d_state, self.d_conv = d_state, d_conv
-        self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
-        self.conv1d = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, padding=d_conv - 1)
-        self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
-        self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True)
-        self.out_proj = nn.Linear(d_inner, d_model, bias=False)
-
-        # Step sizes start log-uniform in [dt_min, dt_max]: the bias is softplus^-1(dt) = dt + log(1 - e^-dt).
-        nn.init.uniform_(self.dt_proj.weight, -dt_rank ** -0.5, dt_rank ** -0.5)
-        dt = torch.exp(torch.rand(d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
-        dt = dt.clamp_min(dt_floor)
-        with torch.no_grad():
-            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-        # S4D-real initialisation A[d, n] = -(n + 1), kept as log(-A) so that A stays negative (stable decay).
-        self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(d_inner, 1))
-        self.D = nn.Parameter(torch.ones(d_inner))
-        self.A_log._no_weight_decay = self.D._no_weight_decay = True
-
-    def A(self):
-        """The state matrix (diagonal, one row per channel), negative so that exp(delta A) decays."""
-        return -torch.exp(self.A_log.float())
-
-    def forward(self, hidden, backend="auto"):
-        """hidden [batch, L, d_model] -> [batch, L, d_model]."""
-        L = hidden.shape[1]
-        x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)              # [batch, d_inner, L] each
-        x = F.silu(self.conv1d(x)[..., :L])                                       # causal: drop the right pad
-        dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = (dt @ self.dt_proj.weight.T).transpose(1, 2)                      # bias goes in as delta_bias
-        y = selective_scan(x, delta, self.A(), B.transpose(1, 2), C.transpose(1, 2),
-                           self.D.float(), z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
-                           backend=backend)
-        return self.out_proj(y.transpose(1, 2))
-
-    def init_state(self, batch, device=None):
-        """(conv window of the last d_conv inputs, SSM state h), zero as before the first token."""
-        return (torch.zeros(batch, self.d_inner, self.d_conv, device=device),
-                torch.zeros(batch, self.d_inner, self.d_state, device=device))
-
-    def step(self, hidden, state):
-        """One token: hidden [batch, d_model] -> ([batch, d_model], new state). Same maths as forward."""
-        conv_window, h = state
-        x, z = self.in_proj(hidden).chunk(2, dim=-1)
-        conv_window = torch.cat([conv_window[:, :, 1:], x[..., None]], dim=-1)
-        x = F.silu((conv_window * self.conv1d.weight[:, 0]).sum(-1) + self.conv1d.bias)
-        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.softplus(self.dt_proj(dt))                                      # [batch, d_inner]
-        h = torch.exp(delta[..., None] * self.A()) * h + (delta * x)[..., None] * B[:, None, :]
-        y = (h @ C[..., None]).squeeze(-1) + self.D * x
-        return self.out_proj(y * F.silu(z)), (conv_window, h)
-
-
-# ----------------------------------------------------------------------------- the model
-
-class ResidualBlock(nn.Module):
-    """x + MambaBlock(RMSNorm(x)): the pre-norm residual of the reference model."""
-
-    def __init__(self, d_model, **block_kwargs):
-        super().__init__()
-        self.norm = nn.RMSNorm(d_model, eps=1e-5)
-        self.mixer = MambaBlock(d_model, **block_kwargs)
-
-    def forward(self, x, backend="auto"):
-        return x + self.mixer(self.norm(x), backend=backend)
-
-    def step(self, x, state):
-        y, state = self.mixer.step(self.norm(x), state)
-        return x + y, state
-
-
-class Mamba(nn.Module):
-    """A sequence model from d_in-dimensional tokens to d_out-dimensional outputs:
-    Linear(d_in, d_model) -> n_layer residual Mamba blocks -> RMSNorm -> Linear(d_model, d_out)."""
-
-    def __init__(self, d_in, d_out, d_model, n_layer, d_state=16, d_conv=4, expand=2):
-        super().__init__()
-        self.embed = nn.Linear(d_in, d_model)
-        self.layers = nn.ModuleList(
-            ResidualBlock(d_model, d_state=d_state, d_conv=d_conv, expand=expand) for _ in range(n_layer))
-        self.norm_f = nn.RMSNorm(d_model, eps=1e-5)
-        self.head = nn.Linear(d_model, d_out)
-        # As in the reference: shrink each residual branch's output so the residual stream's variance
-        # does not grow with depth at initialisation (GPT-2's scheme).
-        for layer in self.layers:
-            with torch.no_grad():
-                layer.mixer.out_proj.weight /= math.sqrt(n_layer)
-
-    def forward(self, x, backend="auto"):
-        """x [batch, T, d_in] -> [batch, T, d_out]."""
-        h = self.embed(x)
-        for layer in self.layers:
-            h = layer(h, backend=backend)
-        return self.head(self.norm_f(h))
-
-    def init_state(self, batch, device=None):
-        return [layer.mixer.init_state(batch, device) for layer in self.layers]
-
-    def step(self, x, state):
-        """One token x [batch, d_in] -> (y [batch, d_out], state): O(1) time and memory per token."""
-        h = self.embed(x)
-        new_state = []
-        for layer, layer_state in zip(self.layers, state):
-            h, layer_state = layer.step(h, layer_state)
-            new_state.append(layer_state)
-        return self.head(self.norm_f(h)), new_state

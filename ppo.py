@@ -15,9 +15,9 @@ a smooth curriculum for AD to distil) at the price of sample efficiency. PPO alt
 Observations are standardised with running per-task statistics (as SB3's VecNormalize, which the RL
 zoo uses for MuJoCo): the joint velocities are orders of magnitude larger than the angles.
 
-Many tasks at once, as in sac.py: every weight carries a leading task axis (sac.task_mlp), the loss is
+Many tasks at once (rl.py): every weight carries a leading task axis (rl.task_mlp), the loss is
 the sum of the per-task losses, one Adam steps them all, and the gradient norm is clipped per task (a
-global clip would couple the tasks). The run's history (sac.HistoryBuffer) holds the rollouts; each
+global clip would couple the tasks). The run's history (rl.HistoryBuffer) holds the rollouts; each
 update reads the last one.
 
     python ppo.py --env pusher_goal --tasks 35        # -> data/pusher_goal/ppo/task_*.npz
@@ -32,7 +32,7 @@ from torch.distributions import Normal
 from tqdm import tqdm
 
 import envs
-import sac
+import rl
 
 
 # ----------------------------------------------------------------------------- the pieces of PPO
@@ -110,13 +110,13 @@ class PPO(nn.Module):
         # discounted return (the running return itself is carried across rollouts, reset at episode ends)
         self.return_norm = RunningNorm(n_tasks, 1) if norm_reward else None
         self.running_return = None
-        self.actor = sac.task_mlp(n_tasks, obs_dim, hidden, act_dim, activation=nn.Tanh)
+        self.actor = rl.task_mlp(n_tasks, obs_dim, hidden, act_dim, activation=nn.Tanh)
         with torch.no_grad():  # start near the zero action (CleanRL/SB3 scale the last layer by 0.01)
             self.actor[-1].weight.mul_(0.01)
             self.actor[-1].bias.zero_()
         self.log_std = nn.Parameter(torch.zeros(n_tasks, 1, act_dim))
-        self.critic = sac.task_mlp(n_tasks, obs_dim, hidden, 1, activation=nn.Tanh)
-        self.register_buffer("normal_nodes", sac.normal_quantile_nodes())
+        self.critic = rl.task_mlp(n_tasks, obs_dim, hidden, 1, activation=nn.Tanh)
+        self.register_buffer("normal_nodes", rl.normal_quantile_nodes())
         self.to(device)
         self.opt = torch.optim.Adam(self.parameters(), lr=lr, eps=1e-5)
 
@@ -135,7 +135,7 @@ class PPO(nn.Module):
         executed action, clip(u, -1, 1), for the history."""
         pi = self.dist(obs)
         u = pi.sample()
-        return u, pi.log_prob(u).sum(-1), *sac.action_moments(pi.mean, pi.stddev, clip_action, self.normal_nodes)
+        return u, pi.log_prob(u).sum(-1), *rl.action_moments(pi.mean, pi.stddev, clip_action, self.normal_nodes)
 
     def update(self, obs, raw_act, old_log_prob, rew, next_obs, episode_end):
         """One PPO update from a rollout: tensors [T, E, L, ...]; episode_end [L] (bool). old_log_prob is
@@ -193,10 +193,10 @@ class PPO(nn.Module):
 
 def collect_and_learn(agent, vec, n_steps, args, desc, task_seeds=None):
     """Run the agent on every env of `vec` for n_steps vector steps, updating after each full rollout
-    of --rollout-steps steps. Returns the filled sac.HistoryBuffer (the history, in order). (PPO has no
+    of --rollout-steps steps. Returns the filled rl.HistoryBuffer (the history, in order). (PPO has no
     random warm-up, so it needs no per-task seeds.)"""
     device = args.device
-    buf = sac.HistoryBuffer(vec.n_tasks, vec.n_envs, n_steps, vec.horizon, vec.obs_dim, vec.act_dim, device)
+    buf = rl.HistoryBuffer(vec.n_tasks, vec.n_envs, n_steps, vec.horizon, vec.obs_dim, vec.act_dim, device)
     raw_act = torch.zeros(vec.n_tasks, vec.n_envs, args.rollout_steps, vec.act_dim, device=device)
     log_prob = torch.zeros(vec.n_tasks, vec.n_envs, args.rollout_steps, device=device)
     task = torch.arange(vec.n_tasks, device=device)[:, None, None]
@@ -225,7 +225,7 @@ def collect_and_learn(agent, vec, n_steps, args, desc, task_seeds=None):
 
 
 def build_parser():
-    p = sac.base_parser("ppo", __doc__.split("\n")[0])
+    p = rl.base_parser("ppo", __doc__.split("\n")[0])
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--rollout-steps", type=envs.positive_int, default=500, help="steps per env per rollout")
     p.add_argument("--epochs", type=envs.positive_int, default=10, help="passes over each rollout")
@@ -250,7 +250,7 @@ def make_ppo(args, n_tasks, obs_dim, act_dim):
 
 
 def main(argv=None):
-    sac.main(argv, "ppo", build_parser(), make_ppo, collect_and_learn)
+    rl.main(argv, "ppo", build_parser(), make_ppo, collect_and_learn)
 
 
 if __name__ == "__main__":

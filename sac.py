@@ -8,28 +8,18 @@ SAC for Reacher-Goal and HalfCheetah-Vel). SAC maximises return + alpha * entrop
   - automatic entropy tuning: alpha is adjusted so that E[-log pi] tracks -act_dim.
 Episodes only end by truncation at the fixed horizon, so the target always bootstraps.
 
-Many tasks at once: every weight carries a leading task axis and is applied with one batched matmul;
-the loss is the sum of the per-task losses, so each task gets exactly its own gradient, and Adam is
-element-wise, so one Adam over the stacked weights is exactly independent Adams (no global gradient
-clipping: it would couple the tasks). On a CPU this saves kernel calls and lets small nets use every
-core (measured per task: 1.6x for 256-unit nets, 4x for 64-unit nets; see the README); on a GPU it is
-what fills the device.
+All tasks of a run train at once, every network with a leading task axis (rl.py: the machinery the RL
+scripts share).
 
 The learning history *is* the replay buffer: every transition is kept in order, [task, env, step],
-sampled uniformly for updates and written out at the end as one .npz file per task (envs.save_history).
+sampled uniformly for updates and written out at the end as one .npz file per task (rl.HistoryBuffer).
 
     python sac.py --env reacher_goal --tasks 70          # -> data/reacher_goal/sac/task_*.npz
     python sac.py --env point_goal --tasks 100 --steps 2000
 Defaults follow Appendix A (an SB3-style SAC: 5 envs per task, one gradient step per vector step,
 lr 1e-4, batch 256, 400 warm-up steps, buffer 1e6, gamma 0.99) with the per-env overrides of envs.ENVS.
 """
-import argparse
-import datetime
-import functools
 import math
-import os
-import sys
-import time
 
 import torch
 import torch.nn as nn
@@ -37,40 +27,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import envs
+import rl
 
 
-# ----------------------------------------------------------------------------- task-batched networks
-
-class TaskLinear(nn.Module):
-    """n independent linear layers in one batched matmul: x [n, B, d_in] -> [n, B, d_out]."""
-
-    def __init__(self, n, d_in, d_out):
-        super().__init__()
-        bound = 1 / math.sqrt(d_in)  # nn.Linear's default initialisation, per layer
-        self.weight = nn.Parameter(torch.empty(n, d_in, d_out).uniform_(-bound, bound))
-        self.bias = nn.Parameter(torch.empty(n, 1, d_out).uniform_(-bound, bound))
-
-    def forward(self, x):
-        return torch.baddbmm(self.bias, x, self.weight)
-
-
-def task_mlp(n, d_in, hidden, d_out, n_hidden=2, activation=functools.partial(nn.ReLU, inplace=True)):
-    sizes = [d_in] + [hidden] * n_hidden
-    layers = []
-    for a, b in zip(sizes[:-1], sizes[1:]):
-        layers += [TaskLinear(n, a, b), activation()]
-    return nn.Sequential(*layers, TaskLinear(n, sizes[-1], d_out))
-
+# ----------------------------------------------------------------------------- the networks
 
 LOG_STD_MIN, LOG_STD_MAX = -20, 2
-
-
-def normal_quantile_nodes(n=32):
-    """n points whose average approximates E[f(x)], x ~ N(0, 1): the midpoints of n equal-probability
-    bins, scaled to unit variance. Unlike Gauss-Hermite nodes they stay accurate when f is nearly a
-    step, as tanh(mu + std * x) is for a wide policy."""
-    nodes = torch.special.ndtri((torch.arange(n, dtype=torch.float64) + 0.5) / n)
-    return (nodes / nodes.square().mean().sqrt()).float()
 
 
 class Actor(nn.Module):
@@ -78,8 +40,8 @@ class Actor(nn.Module):
 
     def __init__(self, n_tasks, obs_dim, act_dim, hidden):
         super().__init__()
-        self.net = task_mlp(n_tasks, obs_dim, hidden, 2 * act_dim)
-        self.register_buffer("normal_nodes", normal_quantile_nodes())
+        self.net = rl.task_mlp(n_tasks, obs_dim, hidden, 2 * act_dim)
+        self.register_buffer("normal_nodes", rl.normal_quantile_nodes())
 
     def forward(self, obs):
         mu, log_std = self.net(obs).float().chunk(2, dim=-1)  # fp32 from here on, also under bf16 autocast
@@ -101,23 +63,14 @@ class Actor(nn.Module):
     def squashed_moments(self, mu, log_std):
         """Mean and std of the action tanh(u), u ~ N(mu, std): the policy's own distribution in
         [-1, 1] action space, stored in the histories as a low-noise distillation target."""
-        return action_moments(mu, log_std.exp(), torch.tanh, self.normal_nodes)
-
-
-def action_moments(mu, std, squash, nodes):
-    """Mean and std of squash(u), u ~ N(mu, std) elementwise, by quadrature on `nodes`
-    (normal_quantile_nodes): SAC squashes with tanh, PPO clips to [-1, 1]."""
-    a = squash(mu[..., None] + std[..., None] * nodes)
-    mean = a.mean(-1)
-    var = a.square().mean(-1) - mean.square()
-    return mean, var.clamp_min(0).sqrt()
+        return rl.action_moments(mu, log_std.exp(), torch.tanh, self.normal_nodes)
 
 
 class TwinQ(nn.Module):
     """Two Q-networks per task, evaluated as one batch of 2 * n_tasks networks. `mlp` builds them
     (n_networks, d_in, hidden, d_out) -> module: DroQ passes one with dropout and layer norm."""
 
-    def __init__(self, n_tasks, obs_dim, act_dim, hidden, mlp=task_mlp):
+    def __init__(self, n_tasks, obs_dim, act_dim, hidden, mlp=rl.task_mlp):
         super().__init__()
         self.net = mlp(2 * n_tasks, obs_dim + act_dim, hidden, 1)
 
@@ -200,60 +153,7 @@ class SAC(nn.Module):
             self.update_actor_and_alpha(obs)
 
 
-# ----------------------------------------------------------------------------- history = replay buffer
-
-class HistoryBuffer:
-    """Every transition of the run, in order: tensors [task, env, step, ...]. Sampled as a replay
-    buffer (uniformly over the last `capacity` transitions of each task) and saved as the history.
-    The next observation of a step is the following step's observation, except at an episode's end,
-    where it is kept in `final_obs` (the next step starts a fresh episode)."""
-
-    def __init__(self, n_tasks, n_envs, n_steps, horizon, obs_dim, act_dim, device):
-        if n_steps % horizon:
-            raise ValueError(f"a history holds whole episodes: {n_steps} steps is not a multiple of {horizon}")
-        shape = (n_tasks, n_envs, n_steps)
-        self.obs = torch.zeros(*shape, obs_dim, device=device)
-        self.act, self.act_mean, self.act_std = (torch.zeros(*shape, act_dim, device=device) for _ in range(3))
-        self.rew = torch.zeros(*shape, device=device)
-        self.final_obs = torch.zeros(n_tasks, n_envs, n_steps // horizon, obs_dim, device=device)
-        self.horizon, self.n = horizon, 0
-
-    def add(self, obs, act, rew, next_obs, act_mean, act_std):
-        """Append one vector step: each argument [task, env, ...]."""
-        t = self.n
-        self.obs[:, :, t], self.act[:, :, t], self.rew[:, :, t] = obs, act, rew
-        self.act_mean[:, :, t], self.act_std[:, :, t] = act_mean, act_std
-        if (t + 1) % self.horizon == 0:
-            self.final_obs[:, :, t // self.horizon] = next_obs
-        else:
-            self.obs[:, :, t + 1] = next_obs
-        self.n += 1
-
-    def sample(self, batch_size, capacity):
-        """batch_size transitions per task -> obs, act, rew, next_obs, each [task, batch, ...]."""
-        T, E = self.obs.shape[:2]
-        device = self.obs.device
-        t = torch.randint(max(0, self.n - capacity // E), self.n, (T, batch_size), device=device)
-        env = torch.randint(0, E, (T, batch_size), device=device)
-        task = torch.arange(T, device=device)[:, None]
-        return self.obs[task, env, t], self.act[task, env, t], self.rew[task, env, t], self.next_obs(task, env, t)
-
-    def next_obs(self, task, env, t):
-        """The observation that followed step t of (task, env); the index tensors broadcast."""
-        ends = ((t + 1) % self.horizon == 0)[..., None]
-        following = (t + 1).clamp(max=self.obs.shape[2] - 1)  # only ever read where not `ends`
-        return torch.where(ends, self.final_obs[task, env, t // self.horizon], self.obs[task, env, following])
-
-    def task_arrays(self, i):
-        """Task i's history as save_history takes it: numpy arrays [env, episode, step, ...]."""
-        E, S = self.obs.shape[1:3]
-
-        def by_episode(x):
-            return x[i].reshape(E, S // self.horizon, self.horizon, *x.shape[3:]).cpu().numpy()
-        return {name: by_episode(getattr(self, name)) for name in ("obs", "act", "rew", "act_mean", "act_std")}
-
-
-# ----------------------------------------------------------------------------- one run over many tasks
+# ----------------------------------------------------------------------------- collecting and learning
 
 UNIFORM_STD = 1 / math.sqrt(3)  # std of U(-1, 1): the "policy" of the warm-up steps
 
@@ -262,7 +162,7 @@ def collect_and_learn(agent, vec, n_steps, args, desc, task_seeds=None):
     """Run the agent on every env of `vec` for n_steps vector steps, learning as it goes (the same loop
     serves SAC and DroQ, whose `update` differs). Returns the filled HistoryBuffer."""
     device = args.device
-    buf = HistoryBuffer(vec.n_tasks, vec.n_envs, n_steps, vec.horizon, vec.obs_dim, vec.act_dim, device)
+    buf = rl.HistoryBuffer(vec.n_tasks, vec.n_envs, n_steps, vec.horizon, vec.obs_dim, vec.act_dim, device)
     warmup = math.ceil(args.warmup / vec.n_envs)  # warm-up counted in transitions per task, like SB3
     warmup_rngs = [torch.Generator().manual_seed(s)  # each task's own random actions (run: task_seed)
                    for s in (range(vec.n_tasks) if task_seeds is None else task_seeds)]
@@ -289,37 +189,9 @@ def collect_and_learn(agent, vec, n_steps, args, desc, task_seeds=None):
     return buf
 
 
-def base_parser(algo, description):
-    """The command line of every RL script (sac.py, droq.py, ppo.py); each adds its own options."""
-    p = argparse.ArgumentParser(description=description,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--env", default="reacher_goal", choices=list(envs.ENVS))
-    p.add_argument("--tasks", type=envs.positive_int, default=None, help="number of training tasks (default: ENVS)")
-    p.add_argument("--steps", type=envs.positive_int, default=None, help="env steps per task (default: ENVS)")
-    p.add_argument("--parallel", type=envs.positive_int, default=None,
-                   help="train at most this many tasks at a time (default: all on a GPU; on a CPU as "
-                        "many as stay cache-friendly, e.g. 24 for 256-unit nets)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the training tasks, envs and networks")
-    p.add_argument("--split", default="train", choices=("train", "val", "test"),
-                   help="which tasks to learn: AD's training tasks, or held-out ones (a baseline that adapts "
-                        "from a test task's own data, macaw.py, reads the source's histories on them)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--threads", type=envs.positive_int, default=None,
-                   help="torch CPU threads (default: torch's, one per core; use 1 per job when "
-                        "running several jobs at once)")
-    p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"),
-                   help="matmul precision of the updates (weights and optimiser stay fp32); auto = bf16 "
-                        "where the hardware has bf16 units (AMX, AVX512-BF16, recent GPUs), else fp32")
-    p.add_argument("--out", default=None, help=f"output directory (default: data/ENV/{algo}, "
-                                               f"data/ENV/{algo}_SPLIT for another --split)")
-    p.add_argument("--n-envs", type=envs.positive_int, default=5, help="parallel envs per task")
-    p.add_argument("--gamma", type=float, default=0.99)
-    return p
-
-
 def build_parser(algo, description):
     """The off-policy scripts' command line (sac.py, droq.py): Appendix A's defaults."""
-    p = base_parser(algo, description)
+    p = rl.base_parser(algo, description)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--batch-size", type=envs.positive_int, default=256)
     p.add_argument("--warmup", type=int, default=400, help="random-action steps per task before learning")
@@ -331,121 +203,13 @@ def build_parser(algo, description):
     return p
 
 
-def parse_args(parser, argv=None, algo="sac"):
-    """Parse twice: first --env, whose ENVS row (and its overrides for `algo`) then sets the defaults
-    of everything else."""
-    name = parser.parse_known_args(argv)[0].env
-    settings = envs.ENVS[name]
-    parser.set_defaults(**{"tasks": settings.train_tasks, "steps": settings.steps_per_task,
-                           **settings.rl.get(algo, {})})
-    args = parser.parse_args(argv)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and envs.dist_env()[1] > 1:  # torchrun: one GPU per process on each machine
-        args.device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
-    try:
-        torch.empty(0, device=args.device)
-    except (RuntimeError, AssertionError) as e:  # a malformed name, or CUDA asked for but absent
-        parser.error(f"--device {args.device}: {str(e).splitlines()[0]}")
-    args.bf16 = args.dtype == "bf16" or (args.dtype == "auto" and envs.bf16_is_fast(args.device))
-    return args
-
-
-def task_seed(seed, index):
-    """The seed of task `index` of a run: its networks, warm-up actions and envs depend on it alone, not
-    on --parallel or on how many processes share the run."""
-    return seed * 100_003 + index
-
-
-def init_per_task(agent, seeds, make_one):
-    """Give task i of a task-batched agent the initial weights that a one-task agent built right after
-    torch.manual_seed(seeds[i]) gets. Tensors with a task axis first (weights, targets, entropy weights;
-    twin critics hold 2 networks per task) are copied slice by slice; shared constants are left alone."""
-    state = agent.state_dict()
-    for i, seed in enumerate(seeds):
-        torch.manual_seed(seed)
-        for name, one in make_one().state_dict().items():
-            many = state[name]
-            if many.dim() and many.shape[0] == len(seeds) * one.shape[0]:
-                many.view(len(seeds), *one.shape)[i].copy_(one)
-
-
-def run(args, algo, make_agent, learn=collect_and_learn):
-    """Train every pending task of the run, --parallel at a time, with `learn` (collect_and_learn here,
-    ppo.collect_and_learn for PPO), and write one history file per task. Finished tasks are skipped,
-    so a killed run resumes where it stopped. Under torchrun each process takes every world-size-th
-    pending task (one machine or several sharing a filesystem); rank 0 plots once all are done."""
-    out = args.out or os.path.join("data", args.env, algo if args.split == "train" else f"{algo}_{args.split}")
-    horizon = envs.ENVS[args.env].horizon
-    n_episodes = args.steps // (args.n_envs * horizon)
-    if n_episodes < 1:
-        raise ValueError(f"--steps {args.steps} is less than one episode per env "
-                         f"({args.n_envs} envs x horizon {horizon})")
-    steps = n_episodes * args.n_envs * horizon
-    rank, world = envs.dist_env()
-    if world > 1:  # gloo for a barrier only; no timeout worth the name: ranks may finish hours apart
-        torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(days=30))
-    envs.prepare_out_dir(out)
-    tasks = envs.sample_tasks(args.env, args.tasks, args.split, seed=args.seed)
-    todo = envs.pending_tasks(out, tasks, env=args.env, algo=algo, seed=args.seed, steps=steps)
-    if world > 1:
-        torch.distributed.barrier()  # every rank has read the same pending list before any writes
-    mine = todo[rank::world]
-    print(f"{algo} on {args.env}: {args.tasks} tasks x {steps} steps ({n_episodes} episodes x {args.n_envs} "
-          f"envs), {len(todo)} to do" + (f", {len(mine)} of them on rank {rank} of {world}" if world > 1 else "")
-          + f", device {args.device}, {'bf16' if args.bf16 else 'fp32'} updates -> {out}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    parallel = args.parallel or default_parallel(args, len(mine))
-    for start in range(0, len(mine), parallel):
-        chunk = mine[start:start + parallel]
-        seeds = [task_seed(args.seed, i) for i in chunk]
-        vec = envs.MultiTaskVecEnv(args.env, tasks[chunk], args.n_envs, seed=args.seed, task_ids=chunk)
-        agent = make_agent(args, len(chunk), vec.obs_dim, vec.act_dim)
-        init_per_task(agent, seeds, lambda: make_agent(args, 1, vec.obs_dim, vec.act_dim))
-        torch.manual_seed(seeds[0])  # what follows (minibatches, exploration) is seeded per chunk
-        desc = f"tasks {chunk[0]}-{chunk[-1]}" if len(chunk) > 1 else f"task {chunk[0]}"
-        t0 = time.perf_counter()
-        buf = learn(agent, vec, n_episodes * horizon, args, desc, seeds)
-        seconds = time.perf_counter() - t0
-        for i, task_index in enumerate(chunk):
-            envs.save_history(envs.history_path(out, task_index), **buf.task_arrays(i), task=tasks[task_index],
-                              env=args.env, algo=algo, seed=args.seed, steps=steps)
-        print(f"  saved {len(chunk)} histories; {len(chunk) * steps / seconds:.0f} env steps/s in all")
-    if world > 1:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-    if rank == 0:
-        final = envs.plot_learning_curves(out, os.path.join(out, "learning_curves.png"))
-        print(f"mean return over the last 10% of episodes: {final:.2f}; curves: {out}/learning_curves.png")
-
-
-CPU_ACTIVATION_BUDGET = 12 * 2 ** 20  # bytes
-
-
-def default_parallel(args, n_tasks):
-    """All tasks at once on a GPU. On a CPU, batching more tasks stops paying once one layer's
-    activations (2 networks x tasks x batch x hidden floats) outgrow the caches. Measured on 2 cores
-    (bench.py rl): 256-unit nets did best at 20 of 1-70 tasks (912 env steps/s; 653 with 70 at once),
-    64-unit nets at 100 of 1, 10, 100."""
-    if args.device.startswith("cuda"):
-        return n_tasks
-    per_task = 2 * args.batch_size * args.hidden * 4
-    return max(1, min(n_tasks, CPU_ACTIVATION_BUDGET // per_task))
-
-
 def make_sac(args, n_tasks, obs_dim, act_dim):
     return SAC(n_tasks, obs_dim, act_dim, hidden=args.hidden, lr=args.lr, gamma=args.gamma, tau=args.tau,
                alpha_init=args.alpha_init, bf16=args.bf16, device=args.device)
 
 
-def main(argv=None, algo="sac", parser=None, make_agent=make_sac, learn=collect_and_learn):
-    """The entry point of every RL script: droq.py and ppo.py call it with their own pieces."""
-    args = parse_args(parser or build_parser(algo, __doc__.split("\n")[0]), argv, algo)
-    try:
-        run(args, algo, make_agent, learn)
-    except (OSError, ValueError) as e:  # bad --out, mismatched old files, too few steps: one line
-        sys.exit(f"error: {e}")
+def main(argv=None):
+    rl.main(argv, "sac", build_parser("sac", __doc__.split("\n")[0]), make_sac, collect_and_learn)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import envs
 import evaluate
 import mamba
 import ppo
+import rl
 import sac
 import transformer
 
@@ -223,7 +224,7 @@ def test_log_prob_is_the_squashed_gaussian_density():
 
 def test_history_buffer_next_obs():
     T, E, H, S = 2, 3, 4, 12
-    buf = sac.HistoryBuffer(T, E, S, H, obs_dim=1, act_dim=1, device="cpu")
+    buf = rl.HistoryBuffer(T, E, S, H, obs_dim=1, act_dim=1, device="cpu")
 
     def value(t):  # obs at step t (an episode's final obs: t + 0.5)
         return torch.full((T, E, 1), float(t))
@@ -321,14 +322,14 @@ ALGOS = {"sac": (sac, sac.make_sac), "droq": (droq, droq.make_droq), "ppo": (ppo
 def test_a_tasks_initial_networks_depend_on_its_index_alone(algo):
     script, make = ALGOS[algo]
     parser = script.build_parser() if script is not sac else sac.build_parser("sac", "")
-    args = sac.parse_args(parser, ["--env", "point_goal", "--device", "cpu"], algo)
+    args = rl.parse_args(parser, ["--env", "point_goal", "--device", "cpu"], algo)
     chunk = [3, 5, 6, 9]
-    seeds = [sac.task_seed(0, i) for i in chunk]
+    seeds = [rl.task_seed(0, i) for i in chunk]
     together = make(args, len(chunk), 2, 2)
-    sac.init_per_task(together, seeds, lambda: make(args, 1, 2, 2))
+    rl.init_per_task(together, seeds, lambda: make(args, 1, 2, 2))
     for i, seed in enumerate(seeds):
         alone = make(args, 1, 2, 2)
-        sac.init_per_task(alone, [seed], lambda: make(args, 1, 2, 2))
+        rl.init_per_task(alone, [seed], lambda: make(args, 1, 2, 2))
         for name, one in alone.state_dict().items():
             many = together.state_dict()[name]
             if many.dim() and many.shape[0] == len(chunk) * one.shape[0]:
@@ -447,6 +448,28 @@ def test_ppo_tasks_stay_independent_and_clip_per_task():
         torch.testing.assert_close(a[[0, 2]], b[[0, 2]], rtol=0, atol=0)
 
 
+def test_ppo_ratio_uses_the_behaviour_log_probs():
+    """act() returns log pi(u|s) of the policy that drew u; once the observation statistics move (update
+    folds the rollout in first), the same policy net gives another density: that is why it is stored."""
+    torch.manual_seed(0)
+    agent = ppo.PPO(2, obs_dim=3, act_dim=2, hidden=8)
+    obs = torch.randn(2, 4, 3)
+    u, log_prob, mean, std = agent.act(obs)
+    torch.testing.assert_close(log_prob, agent.dist(obs).log_prob(u).sum(-1))
+    agent.obs_norm.update(5 + 3 * torch.randn(2, 50, 3))
+    assert not torch.allclose(log_prob, agent.dist(obs).log_prob(u).sum(-1), atol=1e-3)
+
+
+def test_ppo_reward_scaling_by_the_running_return_std():
+    agent = ppo.PPO(2, obs_dim=3, act_dim=2, hidden=8, norm_reward=True)
+    rew = torch.ones(2, 3, 10)
+    rew[1] *= 100  # task 1's rewards are 100 times larger: after scaling both tasks look alike
+    scaled = agent.scale_rewards(rew, torch.arange(10) % 5 == 4)
+    torch.testing.assert_close(scaled[0], scaled[1], rtol=1e-4, atol=1e-4)
+    returns = torch.tensor([sum(0.99 ** k for k in range(j + 1)) for j in range(5)] * 2)
+    torch.testing.assert_close(scaled[0, 0], 1 / returns.std(correction=0).expand(10), rtol=1e-3, atol=1e-3)
+
+
 def test_ppo_learns_point_goal_and_writes_histories(tmp_path):
     ppo.main(["--env", "point_goal", "--tasks", "2", "--steps", "8000", "--rollout-steps", "100",
               "--out", str(tmp_path)])
@@ -473,8 +496,14 @@ def test_droq_q_network_has_dropout_and_layer_norm():
     torch.testing.assert_close(agent.critic.net[2](x), torch.nn.functional.layer_norm(x, (16,)))
 
 
+def test_droq_actor_climbs_the_mean_q_sac_the_minimum():
+    q = torch.tensor([[[1.0, 5.0], [3.0, -1.0]]])  # [task, critic, batch]
+    torch.testing.assert_close(droq.DroQ(1, 2, 2, hidden=4).policy_q(q), torch.tensor([[2.0, 2.0]]))
+    torch.testing.assert_close(sac.SAC(1, 2, 2, hidden=4).policy_q(q), torch.tensor([[1.0, -1.0]]))
+
+
 def test_droq_takes_the_configured_gradient_steps():
-    args = sac.parse_args(droq.build_parser(), ["--env", "point_goal", "--warmup", "0", "--batch-size", "8",
+    args = rl.parse_args(droq.build_parser(), ["--env", "point_goal", "--warmup", "0", "--batch-size", "8",
                                                  "--hidden", "8", "--device", "cpu"], "droq")
     vec = envs.MultiTaskVecEnv("point_goal", envs.sample_tasks("point_goal", 2), n_envs=2)
     agent = droq.make_droq(args, 2, vec.obs_dim, vec.act_dim)
