@@ -12,7 +12,7 @@ ensemble). Everything else is sac.py; this file is only what changes:
 Appendix A reads like SB3-contrib/sbx settings: 5 envs per task, 3 gradient steps per vector step and a
 policy update every 3, i.e. 0.6 critic and 0.2 actor updates per transition; lr 1e-4, batch 256,
 400 warm-up steps, buffer 1e6. Dropout 0.01 is the DroQ paper's. The per-env overrides of envs.ENVS
-apply (on Ant-Dir, lr 1e-3 and an initial entropy weight of 0.1: measured, see the README).
+apply (on Ant-Dir, lr 1e-3 and an initial entropy weight of 0.1: measured, see RESULTS.md).
 
     python droq.py --env ant_dir --tasks 30           # -> data/ant_dir/droq/task_*.npz
 """

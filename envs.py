@@ -287,7 +287,7 @@ ENVS = {
     # Not in the paper: the CPU demo. Rewards are about -1 per step, so an initial entropy weight of 1
     # swamps them; small nets, lr 1e-3 and 4 updates per vector step solve it within 2,000 steps. The
     # histories run to 4,000 steps (40 episodes per stream) so that, with k = 4, AD sees 10 episodes of
-    # which the later ones are converged: with 2,000 steps and k = 1 AD reached 0.67 of SAC (README).
+    # which the later ones are converged: with 2,000 steps and k = 1 AD reached 0.67 of SAC (RESULTS.md).
     "point_goal": EnvSettings(
         "PointGoal-v0", PointGoal, _point_goal, algo="sac", train_tasks=100, steps_per_task=4000,
         k=4, weight_decay=1e-4, mamba=dict(d_model=64, n_layer=3),
@@ -295,9 +295,9 @@ ENVS = {
         transformer=dict(d_model=48, n_layer=3, n_head=4, d_ff=192),
         rl=dict(sac=dict(lr=1e-3, alpha_init=0.1, hidden=64, gradient_steps=4),
                 droq=dict(lr=1e-3, alpha_init=0.1, hidden=64),
-                # PPO is on-policy and slow but steady: -4.7 after 100k steps per task (3 tasks; README)
+                # PPO is on-policy and slow but steady: -4.7 after 100k steps per task (3 tasks; RESULTS.md)
                 ppo=dict(steps=100_000)),
-        # 3,000 updates at lr 3e-3 (README: what we tried); Appendix B's 450 epochs are for 1e5-step data
+        # 3,000 updates at lr 3e-3 (RESULTS.md: what we tried); Appendix B's 450 epochs are for 1e5-step data
         ad=dict(lr=3e-3, epochs=100)),
     "reacher_goal": EnvSettings(
         "ReacherGoal-v0", ReacherGoal, _reacher_goal, algo="sac", train_tasks=70, steps_per_task=100_000,
@@ -305,9 +305,9 @@ ENVS = {
         transformer=dict(d_model=168, n_layer=8, n_head=4, d_ff=2048),
         # Appendix A's lr 1e-4 with an initial alpha of 1 (SB3's default) lets the entropy bonus swamp
         # rewards of about -0.2 per step for a whole 20k-step run (measured: -31 at 20k steps; -4.1
-        # with these settings; README). DroQ is SAC with other critics: the same reasons hold.
+        # with these settings; RESULTS.md). DroQ is SAC with other critics: the same reasons hold.
         rl=dict(sac=dict(lr=1e-3, alpha_init=0.1), droq=dict(lr=1e-3, alpha_init=0.1))),
-    # Appendix A's PPO learns Pusher as written: -200 -> -34 in 5e5 steps, steadily (3 tasks; README).
+    # Appendix A's PPO learns Pusher as written: -200 -> -34 in 5e5 steps, steadily (3 tasks; RESULTS.md).
     "pusher_goal": EnvSettings(
         "PusherGoal-v0", PusherGoal, _pusher_goal, algo="ppo", train_tasks=35, steps_per_task=500_000,
         k=10, weight_decay=2e-4, mamba=dict(d_model=512, n_layer=8),
@@ -317,14 +317,14 @@ ENVS = {
         steps_per_task=400_000, k=8, weight_decay=5e-4, mamba=dict(d_model=512, n_layer=8),
         transformer=dict(d_model=256, n_layer=9, n_head=4, d_ff=2048),
         # As on Reacher: with lr 1e-4 and alpha 1 the policy stays as wide as at the start (std 0.57)
-        # and the return flat at the random policy's for 40k steps; these rise: -504 -> -179 in 100k (README).
+        # and the return flat at the random policy's for 40k steps; these rise: -504 -> -179 in 100k (RESULTS.md).
         rl=dict(sac=dict(lr=1e-3, alpha_init=0.1))),
     "ant_dir": EnvSettings(
         "AntDir-v0", AntDir, _ant_dir, algo="droq", train_tasks=30, steps_per_task=500_000,
         k=10, weight_decay=5e-4, mamba=dict(d_model=512, n_layer=8),
         transformer=dict(d_model=512, n_layer=6, n_head=4, d_ff=2048),
         # Appendix A's lr 1e-4 and alpha 1: still at the random policy's return after 15k steps; with
-        # these the ant learns to stay up, then to walk (+250 at 30k steps; README).
+        # these the ant learns to stay up, then to walk (+250 at 30k steps; RESULTS.md).
         rl=dict(droq=dict(lr=1e-3, alpha_init=0.1))),
 }
 

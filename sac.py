@@ -12,7 +12,7 @@ Many tasks at once: every weight carries a leading task axis and is applied with
 the loss is the sum of the per-task losses, so each task gets exactly its own gradient, and Adam is
 element-wise, so one Adam over the stacked weights is exactly independent Adams (no global gradient
 clipping: it would couple the tasks). On a CPU this saves kernel calls and lets small nets use every
-core (measured per task: 1.6x for 256-unit nets, 4x for 64-unit nets; see the README); on a GPU it is
+core (measured per task: 1.6x for 256-unit nets, 4x for 64-unit nets; see RESULTS.md); on a GPU it is
 what fills the device.
 
 The learning history *is* the replay buffer: every transition is kept in order, [task, env, step],
