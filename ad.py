@@ -247,11 +247,14 @@ def rollout_window(meta, bounded=True):
 
 
 @torch.no_grad()
-def rollout(model, meta, tasks, n_episodes, n_seeds=1, act="mean", seed=0, device="cpu", desc=None, window=None):
+def rollout(model, meta, tasks, n_episodes, n_seeds=1, act="mean", seed=0, device="cpu", desc=None, window=None,
+            record=False):
     """In-context RL on `tasks`: n_seeds copies of each task play n_episodes consecutive episodes while the
     model's recurrent state (the context) persists across them; no gradient step. All tasks and seeds go
     through one model call per time step. `window`: see at most that many tokens (SlidingContext).
-    Returns the episode returns [tasks, seeds, episodes]."""
+    Returns the episode returns [tasks, seeds, episodes]; with `record`, also what the agent did (the envs'
+    trace(), for evaluate.py's pictures): where [tasks, seeds, episodes, horizon + 1, d] (after the reset and
+    after every step) and each env's hidden goal [tasks, seeds, g]."""
     vec = envs.MultiTaskVecEnv(meta["env"], tasks, n_seeds, seed=seed)
     n = vec.n_tasks * vec.n_envs
     stats = {key: value.to(device) for key, value in meta["stats"].items()}
@@ -260,8 +263,11 @@ def rollout(model, meta, tasks, n_episodes, n_seeds=1, act="mean", seed=0, devic
     state = model.init_state(n, device)
     prev_act, prev_rew = torch.zeros(n, vec.act_dim, device=device), torch.zeros(n, device=device)
     returns = np.zeros((vec.n_tasks, vec.n_envs, n_episodes))
+    where = []  # per episode: [horizon + 1] arrays [tasks, seeds, d]
     for episode in tqdm(range(n_episodes), desc=desc, disable=desc is None, leave=False):
         obs = torch.as_tensor(vec.reset(), device=device).reshape(n, -1)
+        if record:
+            where.append([vec.trace()[0]])
         for t in range(vec.horizon):
             first = torch.full((n,), float(t == 0), device=device)
             out, state = model.step(make_token(obs, prev_act, prev_rew, first, stats), state)
@@ -270,7 +276,11 @@ def rollout(model, meta, tasks, n_episodes, n_seeds=1, act="mean", seed=0, devic
             returns[:, :, episode] += rew
             obs = torch.as_tensor(next_obs, device=device).reshape(n, -1)
             prev_rew = standardise_reward(torch.as_tensor(rew, device=device).reshape(n), stats)
-    return returns
+            if record:
+                where[-1].append(vec.trace()[0])
+    if not record:
+        return returns
+    return returns, np.stack([np.stack(steps, axis=2) for steps in where], axis=2), vec.trace()[1]
 
 
 def normalised(returns, floor, source_final):
@@ -545,35 +555,35 @@ def resolve_device(name):
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--env", default="reacher_goal", choices=list(envs.ENVS))
-    p.add_argument("--arch", default="mamba", choices=ARCHS)
-    p.add_argument("--data", default=None, help="history directory (default: data/ENV/ALGO of envs.ENVS)")
-    p.add_argument("--out", default=None, help="checkpoint directory (default: out/ENV/ARCH)")
-    p.add_argument("--k", type=envs.positive_int, default=None, help="keep every k-th episode (default: envs.ENVS)")
+    p.add_argument("--env", default="reacher_goal", choices=list(envs.ENVS), help="meta-RL task family")
+    p.add_argument("--arch", default="mamba", choices=ARCHS, help="sequence model")
+    p.add_argument("--data", default=None, help="history directory; None: data/ENV/ALGO of envs.ENVS")
+    p.add_argument("--out", default=None, help="checkpoint directory; None: out/ENV/ARCH")
+    p.add_argument("--k", type=envs.positive_int, default=None, help="keep every k-th episode; None: envs.ENVS's")
     p.add_argument("--context", type=context_arg, default="full", help="full (whole streams) or N tokens")
-    p.add_argument("--loss", default="nll", choices=("nll", "mse"))
-    p.add_argument("--d-model", type=envs.positive_int, default=None, help="model width (default: envs.ENVS)")
-    p.add_argument("--n-layer", type=envs.positive_int, default=None, help="layers (default: envs.ENVS)")
+    p.add_argument("--loss", default="nll", choices=("nll", "mse"), help="action loss")
+    p.add_argument("--d-model", type=envs.positive_int, default=None, help="model width; None: envs.ENVS's")
+    p.add_argument("--n-layer", type=envs.positive_int, default=None, help="layers; None: envs.ENVS's")
     p.add_argument("--d-state", type=envs.positive_int, default=16, help="Mamba's SSM state size N")
-    p.add_argument("--n-head", type=envs.positive_int, default=None, help="transformer heads (default: envs.ENVS)")
-    p.add_argument("--d-ff", type=envs.positive_int, default=None, help="transformer MLP width (default: envs.ENVS)")
+    p.add_argument("--n-head", type=envs.positive_int, default=None, help="transformer heads; None: envs.ENVS's")
+    p.add_argument("--d-ff", type=envs.positive_int, default=None, help="transformer MLP width; None: envs.ENVS's")
     p.add_argument("--params", type=envs.positive_int, default=None,
                    help="pick --d-model so that the model has about this many parameters (to match archs)")
     p.add_argument("--epochs", type=envs.positive_int, default=450, help="passes over the training tokens (App. B)")
-    p.add_argument("--batch-size", type=envs.positive_int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup-iters", type=envs.positive_int, default=100)
-    p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default: envs.ENVS)")
-    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--batch-size", type=envs.positive_int, default=16, help="streams (or windows) a batch")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate")
+    p.add_argument("--warmup-iters", type=envs.positive_int, default=100, help="linear warm-up updates")
+    p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay; None: envs.ENVS's")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip")
     p.add_argument("--noise", type=float, default=0.05, help="std of the Gaussian noise added to input tokens")
     p.add_argument("--holdout", type=float, default=0.05, help="fraction of training tasks held out for a loss")
     p.add_argument("--eval-every", type=envs.positive_int, default=200, help="updates between validation rollouts")
     p.add_argument("--val-tasks", type=envs.positive_int, default=10, help="validation tasks (split 'val')")
     p.add_argument("--val-seeds", type=envs.positive_int, default=3, help="rollouts per validation task")
     p.add_argument("--act", default="sample", choices=("mean", "sample"), help="validation rollout actions")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="training seed")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--threads", type=envs.positive_int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=envs.positive_int, default=None, help="torch CPU threads; None: torch's")
     p.add_argument("--dtype", default="fp32", choices=("auto", "bf16", "fp32"),
                    help="matmul precision of training (autocast; weights, optimiser and loss stay fp32); auto = "
                         "bf16 where the hardware has bf16 units (AMX, AVX512-BF16, recent GPUs)")

@@ -1,8 +1,8 @@
-"""Speed benchmarks. Targets are reported in the README, never asserted as timed tests.
+"""Speed benchmarks. Their results are in RESULTS.md, never asserted as timed tests.
 
     python bench.py rl [--algo sac|droq|ppo] --env reacher_goal --tasks 10 20 70 [--threads 1]
         Multi-task RL throughput: env steps per second when T tasks train together in one process
-        (DESIGN.md, "Many tasks at once"), against one task alone (always measured first), with the
+        (sac.py's docstring, "Many tasks at once"), against one task alone (always measured first), with the
         script's own defaults for the env (ENVS overrides included).
     python bench.py scan [--shapes 16x128x400 8x256x1000] [--backends ref torch] [--threads 1]
         Mamba's selective scan: forward and backward milliseconds of each backend (mamba.selective_scan)

@@ -49,8 +49,14 @@ mujoco.set_mju_user_warning(_mujoco_warning)
 
 
 class MetaTask:
-    """Mixin: a hidden task parameter and a fixed horizon (truncation only, no early termination)."""
+    """Mixin: a hidden task parameter and a fixed horizon (truncation only, no early termination).
+
+    `trace()` returns (where, goal), read from the simulator, for evaluate.py's pictures of behaviour;
+    `trace_kind` says how to draw them: "path" (where is a 2-D point, goal the 2-D point to reach),
+    "direction" (where is a 2-D point, goal the unit direction to run in) or "speed" (where is a
+    velocity, goal the target velocity)."""
     horizon: int
+    trace_kind: str
 
     def _init_task(self, task, default):
         self.task = np.asarray(default if task is None else task, dtype=np.float32).copy()
@@ -65,6 +71,7 @@ class PointGoal(MetaTask, gym.Env):
     """2-D point robot (PEARL / VariBAD): s <- s + 0.1 a from (0, 0), reward -||s - goal||.
     The goal lies on the upper unit half-circle; the observation is the position only."""
     horizon = 20
+    trace_kind = "path"
 
     def __init__(self, task=None, render_mode=None):
         self._init_task(task, default=(1.0, 0.0))
@@ -80,6 +87,9 @@ class PointGoal(MetaTask, gym.Env):
     def step(self, action):
         self.pos = self.pos + 0.1 * np.clip(action, -1.0, 1.0).astype(np.float32)
         return self._step_result(self.pos.copy(), -np.linalg.norm(self.pos - self.task))
+
+    def trace(self):
+        return self.pos.copy(), self.task.copy()
 
 
 class MujocoMetaTask(MetaTask):
@@ -116,6 +126,7 @@ class ReacherGoal(MujocoMetaTask, ReacherEnv):
     fingertip position (the target and fingertip-target vector of Reacher-v5 are removed).
     Reward -||tip - target|| - ||a||^2. Task: target (x, y)."""
     horizon = 50
+    trace_kind = "path"
     _main_body_name = "fingertip"
 
     def __init__(self, task=None, **kwargs):
@@ -139,6 +150,9 @@ class ReacherGoal(MujocoMetaTask, ReacherEnv):
         dist = np.linalg.norm(self.get_body_com("fingertip")[:2] - self.get_body_com("target")[:2])
         return -dist - np.square(ctrl).sum()
 
+    def trace(self):  # the fingertip and the target
+        return self.get_body_com("fingertip")[:2].copy(), self.get_body_com("target")[:2].copy()
+
 
 class PusherGoal(MujocoMetaTask, PusherEnv):
     """Pusher-v5 whose cylinder start and goal are hidden: obs = 7 joint angles, 7 joint velocities and
@@ -146,6 +160,7 @@ class PusherGoal(MujocoMetaTask, PusherEnv):
     -||obj - goal|| - 0.5 ||obj - tip|| - 0.1 ||ctrl||^2. Task: (obj_x, obj_y, goal_x, goal_y), offsets
     from the bodies' positions in the XML."""
     horizon = 100
+    trace_kind = "path"
     _main_body_name = "tips_arm"
 
     def __init__(self, task=None, **kwargs):
@@ -168,11 +183,15 @@ class PusherGoal(MujocoMetaTask, PusherEnv):
         obj, tip, goal = (self.get_body_com(b) for b in ("object", "tips_arm", "goal"))
         return -np.linalg.norm(obj - goal) - 0.5 * np.linalg.norm(obj - tip) - 0.1 * np.square(ctrl).sum()
 
+    def trace(self):  # the cylinder and where it must go
+        return self.get_body_com("object")[:2].copy(), self.get_body_com("goal")[:2].copy()
+
 
 class HalfCheetahVel(MujocoMetaTask, HalfCheetahEnv):
     """HalfCheetah-v5 that must run at a hidden target velocity v* (MAML / PEARL):
     reward -|v_x - v*| - 0.05 ||a||^2. Task: (v*,)."""
     horizon = 200
+    trace_kind = "speed"
     _main_body_name = "torso"
 
     def __init__(self, task=None, **kwargs):
@@ -182,12 +201,16 @@ class HalfCheetahVel(MujocoMetaTask, HalfCheetahEnv):
     def _reward(self, ctrl, xy_velocity):
         return -abs(xy_velocity[0] - self.task[0]) - 0.05 * np.square(ctrl).sum()
 
+    def trace(self):  # the forward velocity at the end of the step (the reward scores the step's mean)
+        return self.data.qvel[:1].copy(), self.task.copy()
+
 
 class AntDir(MujocoMetaTask, AntEnv):
     """Ant-v5 that must run in a hidden direction (MAML / PEARL): reward = velocity . (cos, sin)
     - control cost - contact cost + healthy bonus; it never terminates when unhealthy.
     Task: the unit direction (cos, sin)."""
     horizon = 200
+    trace_kind = "direction"
     _main_body_name = "torso"
 
     def __init__(self, task=None, **kwargs):
@@ -198,6 +221,9 @@ class AntDir(MujocoMetaTask, AntEnv):
     def _reward(self, ctrl, xy_velocity):
         return (xy_velocity @ self.task + self.healthy_reward
                 - self.control_cost(ctrl) - self.contact_cost)
+
+    def trace(self):  # the torso on the ground plane and the direction to run in
+        return self.get_body_com("torso")[:2].copy(), self.task.copy()
 
 
 # ----------------------------------------------------------------------------- task samplers
@@ -261,7 +287,7 @@ ENVS = {
     # Not in the paper: the CPU demo. Rewards are about -1 per step, so an initial entropy weight of 1
     # swamps them; small nets, lr 1e-3 and 4 updates per vector step solve it within 2,000 steps. The
     # histories run to 4,000 steps (40 episodes per stream) so that, with k = 4, AD sees 10 episodes of
-    # which the later ones are converged: with 2,000 steps and k = 1 AD reached 0.67 of SAC (README).
+    # which the later ones are converged: with 2,000 steps and k = 1 AD reached 0.67 of SAC (RESULTS.md).
     "point_goal": EnvSettings(
         "PointGoal-v0", PointGoal, _point_goal, algo="sac", train_tasks=100, steps_per_task=4000,
         k=4, weight_decay=1e-4, mamba=dict(d_model=64, n_layer=3),
@@ -269,9 +295,9 @@ ENVS = {
         transformer=dict(d_model=48, n_layer=3, n_head=4, d_ff=192),
         rl=dict(sac=dict(lr=1e-3, alpha_init=0.1, hidden=64, gradient_steps=4),
                 droq=dict(lr=1e-3, alpha_init=0.1, hidden=64),
-                # PPO is on-policy and slow but steady: -4.7 after 100k steps per task (3 tasks; README)
+                # PPO is on-policy and slow but steady: -4.7 after 100k steps per task (3 tasks; RESULTS.md)
                 ppo=dict(steps=100_000)),
-        # 3,000 updates at lr 3e-3 (README: what we tried); Appendix B's 450 epochs are for 1e5-step data
+        # 3,000 updates at lr 3e-3 (RESULTS.md: what we tried); Appendix B's 450 epochs are for 1e5-step data
         ad=dict(lr=3e-3, epochs=100)),
     "reacher_goal": EnvSettings(
         "ReacherGoal-v0", ReacherGoal, _reacher_goal, algo="sac", train_tasks=70, steps_per_task=100_000,
@@ -279,9 +305,9 @@ ENVS = {
         transformer=dict(d_model=168, n_layer=8, n_head=4, d_ff=2048),
         # Appendix A's lr 1e-4 with an initial alpha of 1 (SB3's default) lets the entropy bonus swamp
         # rewards of about -0.2 per step for a whole 20k-step run (measured: -31 at 20k steps; -4.1
-        # with these settings; README). DroQ is SAC with other critics: the same reasons hold.
+        # with these settings; RESULTS.md). DroQ is SAC with other critics: the same reasons hold.
         rl=dict(sac=dict(lr=1e-3, alpha_init=0.1), droq=dict(lr=1e-3, alpha_init=0.1))),
-    # Appendix A's PPO learns Pusher as written: -200 -> -34 in 5e5 steps, steadily (3 tasks; README).
+    # Appendix A's PPO learns Pusher as written: -200 -> -34 in 5e5 steps, steadily (3 tasks; RESULTS.md).
     "pusher_goal": EnvSettings(
         "PusherGoal-v0", PusherGoal, _pusher_goal, algo="ppo", train_tasks=35, steps_per_task=500_000,
         k=10, weight_decay=2e-4, mamba=dict(d_model=512, n_layer=8),
@@ -291,14 +317,14 @@ ENVS = {
         steps_per_task=400_000, k=8, weight_decay=5e-4, mamba=dict(d_model=512, n_layer=8),
         transformer=dict(d_model=256, n_layer=9, n_head=4, d_ff=2048),
         # As on Reacher: with lr 1e-4 and alpha 1 the policy stays as wide as at the start (std 0.57)
-        # and the return flat at the random policy's for 40k steps; these rise: -504 -> -179 in 100k (README).
+        # and the return flat at the random policy's for 40k steps; these rise: -504 -> -179 in 100k (RESULTS.md).
         rl=dict(sac=dict(lr=1e-3, alpha_init=0.1))),
     "ant_dir": EnvSettings(
         "AntDir-v0", AntDir, _ant_dir, algo="droq", train_tasks=30, steps_per_task=500_000,
         k=10, weight_decay=5e-4, mamba=dict(d_model=512, n_layer=8),
         transformer=dict(d_model=512, n_layer=6, n_head=4, d_ff=2048),
         # Appendix A's lr 1e-4 and alpha 1: still at the random policy's return after 15k steps; with
-        # these the ant learns to stay up, then to walk (+250 at 30k steps; README).
+        # these the ant learns to stay up, then to walk (+250 at 30k steps; RESULTS.md).
         rl=dict(droq=dict(lr=1e-3, alpha_init=0.1))),
 }
 
@@ -403,6 +429,12 @@ class MultiTaskVecEnv:
                 obs[i, j], rew[i, j], *_ = env.step(actions[i, j])
         self.t += 1
         return obs, rew, self.t >= self.horizon
+
+    def trace(self):
+        """Every env's trace() (MetaTask): where [n_tasks, n_envs, d], goal [n_tasks, n_envs, g]."""
+        where, goal = zip(*(env.trace() for row in self.envs for env in row))
+        return (np.stack(where).reshape(self.n_tasks, self.n_envs, -1),
+                np.stack(goal).reshape(self.n_tasks, self.n_envs, -1))
 
 
 def baseline_return(name, tasks, policy, n_envs=4, seed=0):

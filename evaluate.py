@@ -7,7 +7,11 @@ state), all tasks batched in one model call per step (ad.rollout). It writes
   eval.json      every episode's return per task and seed, the baselines and a summary;
   incontext.png  the in-context curve (mean and spread over tasks) against the source algorithm's learning
                  curve on its training tasks (every k-th episode, the units the model was trained in) and
-                 the zero-action and random-policy baselines.
+                 the zero-action and random-policy baselines;
+  behaviour.png  what the agent does on the first test tasks in its first, middle and last episode, with
+                 the goal it cannot see marked (the envs' trace(): the point's, fingertip's, cylinder's or
+                 torso's path, or the cheetah's velocity against its target);
+  behaviour.gif  with --animate: the first test task's episodes one after another.
 The summary scores the mean return of the last 5 episodes two ways. The strict score, the headline:
 0 = the better of the zero-action and random policies on the same test tasks, 1 = the source algorithm's
 final return; and against the random policy alone (0 = random), which flatters tasks where standing
@@ -58,18 +62,25 @@ def summarise(returns, env, tasks, source_final):
             "source_final": source_final, "zero_action": zero, "random_policy": random}
 
 
+BEHAVIOUR_TASKS = 3  # test tasks drawn in behaviour.png
+
+
 def evaluate(directory, args):
-    """Roll one checkpoint out on the test tasks (or score a baseline's results.json); the eval.json dict."""
+    """Roll one checkpoint out on the test tasks (or score a baseline's results.json): the eval.json dict and
+    what the agent did on the first BEHAVIOUR_TASKS tasks (None for a baseline), for plot_behaviour."""
     if os.path.isfile(os.path.join(directory, "results.json")):
-        return baseline_result(directory, args)
+        return baseline_result(directory, args), None
     model, ckpt = ad.load_checkpoint(directory, device=args.device)
     meta = ckpt["meta"]
     tasks = envs.sample_tasks(meta["env"], args.tasks, "test", seed=args.seed)
     n_episodes = args.episodes or meta["episodes"]
     window = ad.rollout_window(meta, bounded=not args.unbounded_context)
-    returns = ad.rollout(model, meta, tasks, n_episodes, n_seeds=args.seeds, act=args.act, seed=args.seed,
-                         device=args.device, desc=os.path.basename(os.path.normpath(directory)), window=window)
+    returns, where, goal = ad.rollout(model, meta, tasks, n_episodes, n_seeds=args.seeds, act=args.act,
+                                      seed=args.seed, device=args.device, window=window, record=True,
+                                      desc=os.path.basename(os.path.normpath(directory)))
     summary = summarise(returns, meta["env"], tasks, meta["source_final"])
+    behaviour = {"where": where[:BEHAVIOUR_TASKS], "goal": goal[:BEHAVIOUR_TASKS],
+                 "returns": returns[:BEHAVIOUR_TASKS]}
     return {"checkpoint": os.path.abspath(directory), "env": meta["env"], "arch": ckpt["model_config"]["arch"],
             "model_config": ckpt["model_config"], "params": sum(p.numel() for p in model.parameters()),
             "train_seed": ckpt["args"]["seed"], "trained_updates": ckpt["iter"], "algo": meta["algo"],
@@ -77,7 +88,7 @@ def evaluate(directory, args):
             "rollout_window": window,
             "loss": meta["loss"], "act": args.act,
             "seeds": args.seeds, "tasks": tasks.tolist(), "returns": returns.tolist(),
-            "source_curve": meta["source_curve"], "summary": summary}
+            "source_curve": meta["source_curve"], "summary": summary}, behaviour
 
 
 BASELINE_KEYS = ("env", "method", "train_seed", "tasks", "seeds", "returns", "source_final", "source_curve",
@@ -166,6 +177,89 @@ def plot(groups, png_path):
     plt.close(fig)
 
 
+def draw_path(ax, kind, where, **style):
+    """One episode's trace, where [steps, d], as the env's trace_kind says (envs.MetaTask): a 2-D path, or
+    the velocity against the step ("speed"). Returns the line."""
+    return ax.plot(*(where.T if kind != "speed" else (np.arange(len(where)), where[:, 0])), **style)[0]
+
+
+def draw_goal(ax, kind, goal, start, length=1.0):
+    """The hidden goal: the point to reach, the target velocity, or an arrow along the direction to run in."""
+    if kind == "path":
+        ax.plot(*goal, "*", color="k", ms=12)
+    elif kind == "speed":
+        ax.axhline(goal[0], color="k", ls="--", lw=1)
+    else:
+        ax.annotate("", xy=start + length * goal, xytext=start, arrowprops=dict(arrowstyle="->", lw=1.5))
+
+
+def frame_panel(ax, kind, where, goal):
+    """Axis limits that hold every trace in `where` [..., steps, d] and the goal, and the axis labels."""
+    if kind == "speed":
+        values = np.append(where[..., 0].ravel(), goal[0])
+        ax.set(xlabel="step", ylabel="forward velocity", ylim=(values.min() - 0.2, values.max() + 0.2))
+        return
+    points = where.reshape(-1, 2)
+    if kind == "path":
+        points = np.vstack([points, goal])
+    low, high = points.min(0), points.max(0)
+    half = 0.55 * (high - low).max() + 1e-3    # a square around the middle: the same scale on both axes
+    middle = (low + high) / 2
+    ax.set(xlim=(middle[0] - half, middle[0] + half), ylim=(middle[1] - half, middle[1] + half),
+           xlabel="x", ylabel="y", aspect="equal")
+
+
+def plot_behaviour(result, behaviour, png_path):
+    """Rows: the first test tasks; columns: the first, middle and last in-context episode with every seed's
+    rollout in it (one colour a seed) and the hidden goal marked."""
+    kind = envs.ENVS[result["env"]].env_class.trace_kind
+    where, goals, returns = behaviour["where"], behaviour["goal"], behaviour["returns"]
+    n_tasks, n_seeds, n_episodes = returns.shape
+    episodes = sorted({0, n_episodes // 2, n_episodes - 1})
+    fig, axes = plt.subplots(n_tasks, len(episodes), figsize=(3 * len(episodes), 3 * n_tasks), squeeze=False)
+    for i in range(n_tasks):
+        length = max(1.0, np.abs(where[i] - where[i, :, :, :1]).max())  # Ant-Dir's arrow: as long as the paths
+        for ax, e in zip(axes[i], episodes):
+            for s in range(n_seeds):
+                draw_path(ax, kind, where[i, s, e], color=f"C{s}", lw=1)
+            draw_goal(ax, kind, goals[i, 0], where[i, 0, e, 0], length)
+            frame_panel(ax, kind, where[i, :, episodes], goals[i, 0])
+            ax.set_title(f"test task {i}, episode {e + 1}: return {returns[i, :, e].mean():.1f}", fontsize=8)
+    goal = "dashed: the target" if kind == "speed" else "black: the goal, which the agent never sees"
+    fig.suptitle(f"{result['env']}, {label(result)}\n{n_seeds} rollouts a task (colours); {goal}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=90)
+    plt.close(fig)
+
+
+def animate(result, behaviour, gif_path, max_frames=240):
+    """The first test task's first rollout, episode after episode, step by step, earlier episodes fading:
+    the agent searching for a goal that is shown here but never to it. matplotlib's own GIF writer."""
+    from matplotlib.animation import FuncAnimation, PillowWriter
+    kind = envs.ENVS[result["env"]].env_class.trace_kind
+    where, goal = behaviour["where"][0, 0], behaviour["goal"][0, 0]     # [episodes, steps, d], [g]
+    n_episodes, n_steps = where.shape[:2]
+    stride = -(-n_episodes * n_steps // max_frames)                      # every stride-th step, and each end
+    frames = [(e, t) for e in range(n_episodes) for t in sorted({*range(1, n_steps, stride), n_steps - 1})]
+    fig, ax = plt.subplots(figsize=(3.6, 3.6))
+    frame_panel(ax, kind, where, goal)
+    ax.set(xticks=[], yticks=[])  # ticks would take most of each frame's drawing time
+    draw_goal(ax, kind, goal, where[0, 0], max(1.0, np.abs(where - where[0, 0]).max()))
+    lines = [draw_path(ax, kind, where[e, :1], color="C0", lw=1.5) for e in range(n_episodes)]
+    fig.tight_layout()
+
+    def draw(frame):
+        e, t = frame
+        for past in range(e):
+            lines[past].set(color="grey", alpha=0.2 + 0.5 * past / n_episodes, lw=1)
+        trace = where[e, :t + 1]
+        lines[e].set_data(*(trace.T if kind != "speed" else (np.arange(t + 1), trace[:, 0])))
+        ax.set_title(f"{result['env']}: in-context episode {e + 1} of {n_episodes}", fontsize=9)
+
+    FuncAnimation(fig, draw, frames=frames).save(gif_path, writer=PillowWriter(fps=12), dpi=70)
+    plt.close(fig)
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -174,17 +268,19 @@ def build_parser():
     p.add_argument("--tasks", type=envs.positive_int, default=10, help="held-out test tasks")
     p.add_argument("--seeds", type=envs.positive_int, default=3, help="rollouts per task")
     p.add_argument("--episodes", type=envs.positive_int, default=None,
-                   help="consecutive episodes (default: a training stream's length)")
+                   help="consecutive episodes; None: a training stream's length")
     p.add_argument("--act", default="sample", choices=("mean", "sample"),
                    help="actions: the Gaussian head's mean or a sample of it (mse checkpoints: always the mean)")
     p.add_argument("--unbounded-context", action="store_true",
                    help="let a model trained on N-token windows see the whole rollout (Mamba's state keeps "
-                        "everything); by default every architecture sees at most its training window")
-    p.add_argument("--out", default=None, help="where eval.json and incontext.png go (default: the checkpoint's "
-                                               "directory; out/compare for several)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=envs.positive_int, default=None)
+                        "everything); otherwise every architecture sees at most its training window")
+    p.add_argument("--animate", action="store_true",
+                   help="also write behaviour.gif: the first test task's episodes one after another")
+    p.add_argument("--out", default=None, help="where eval.json and the figures go; None: the checkpoint's "
+                                               "directory, out/compare for several")
+    p.add_argument("--seed", type=int, default=0, help="test tasks and rollouts seed")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
+    p.add_argument("--threads", type=envs.positive_int, default=None, help="torch CPU threads; None: torch's")
     return p
 
 
@@ -194,7 +290,7 @@ def main(argv=None):
         args.device = ad.resolve_device(args.device)
         if args.threads:
             torch.set_num_threads(args.threads)
-        results = [evaluate(d, args) for d in args.checkpoints]
+        results, behaviours = zip(*(evaluate(d, args) for d in args.checkpoints))
         if len({r["env"] for r in results}) > 1:
             raise ValueError(f"checkpoints of different envs ({', '.join(r['env'] for r in results)}) "
                              f"cannot share one plot")
@@ -205,6 +301,13 @@ def main(argv=None):
         with open(os.path.join(out, "eval.json"), "w") as f:
             json.dump(results[0] if len(results) == 1 else results, f)
         plot(groups, os.path.join(out, "incontext.png"))
+        drawn = next(((r, b) for r, b in zip(results, behaviours) if b is not None), None)  # the first checkpoint's
+        if drawn:
+            plot_behaviour(*drawn, os.path.join(out, "behaviour.png"))
+        if args.animate:
+            if not drawn:
+                raise ValueError("--animate needs an AD checkpoint: a baseline's results.json holds no behaviour")
+            animate(*drawn, os.path.join(out, "behaviour.gif"))
         table = score_table(groups)
         with open(os.path.join(out, "scores.md"), "w") as f:
             f.write(table + "\n")
@@ -218,7 +321,8 @@ def main(argv=None):
               f"(zero action {s['zero_action']:.2f}, random {s['random_policy']:.2f}: the better = 0; "
               f"{result['algo']} final {s['source_final']:.2f} = 1), vs random {s['score_last5_vs_random']:.2f}")
     print(table)
-    print(f"wrote {out}/eval.json, {out}/incontext.png and {out}/scores.md")
+    print(f"wrote {out}/eval.json, {out}/scores.md, {out}/incontext.png"
+          + (f", {out}/behaviour.png" if drawn else "") + (f", {out}/behaviour.gif" if args.animate else ""))
 
 
 if __name__ == "__main__":

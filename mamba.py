@@ -221,7 +221,7 @@ class Mamba(nn.Module):
 class SelectiveScanFn(torch.autograd.Function):
     """The scan for the CPU: a loop over time whose every step touches one [batch, dim, N] slab that
     stays in cache (materialising exp(delta A) for all steps at once streams [L, batch, dim, N] tensors
-    through memory several times and ran about 3x slower; README), with a hand-written backward so that autograd
+    through memory several times and ran about 3x slower; RESULTS.md), with a hand-written backward so that autograd
     sees one node instead of a graph of L steps.
 
     Backward, with g_t = dLoss/dh_t counting every path through later steps and a_t = exp(delta_t A):

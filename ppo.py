@@ -226,11 +226,11 @@ def collect_and_learn(agent, vec, n_steps, args, desc, task_seeds=None):
 
 def build_parser():
     p = rl.base_parser("ppo", __doc__.split("\n")[0])
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
     p.add_argument("--rollout-steps", type=envs.positive_int, default=500, help="steps per env per rollout")
     p.add_argument("--epochs", type=envs.positive_int, default=10, help="passes over each rollout")
     p.add_argument("--batch-size", type=envs.positive_int, default=64, help="minibatch size per task")
-    p.add_argument("--gae-lambda", type=float, default=0.95)
+    p.add_argument("--gae-lambda", type=float, default=0.95, help="lambda of GAE")
     p.add_argument("--clip", type=float, default=0.2, help="epsilon of the clipped surrogate")
     p.add_argument("--vf-coef", type=float, default=0.5, help="weight of the value loss")
     p.add_argument("--ent-coef", type=float, default=5e-3, help="weight of the entropy bonus")

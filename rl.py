@@ -127,27 +127,29 @@ def base_parser(algo, description):
     """The command line of every RL script (sac.py, droq.py, ppo.py); each adds its own options."""
     p = argparse.ArgumentParser(description=description,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--env", default="reacher_goal", choices=list(envs.ENVS))
-    p.add_argument("--tasks", type=envs.positive_int, default=None, help="number of training tasks (default: ENVS)")
-    p.add_argument("--steps", type=envs.positive_int, default=None, help="env steps per task (default: ENVS)")
+    p.add_argument("--env", default="reacher_goal", choices=list(envs.ENVS), help="meta-RL task family")
+    p.add_argument("--tasks", type=envs.positive_int, default=None,
+                   help="number of training tasks; None: the env's in envs.ENVS")
+    p.add_argument("--steps", type=envs.positive_int, default=None,
+                   help="env steps per task; None: the env's in envs.ENVS")
     p.add_argument("--parallel", type=envs.positive_int, default=None,
-                   help="train at most this many tasks at a time (default: all on a GPU; on a CPU as "
-                        "many as stay cache-friendly, e.g. 24 for 256-unit nets)")
+                   help="train at most this many tasks at a time; None: all on a GPU, on a CPU as "
+                        "many as stay cache-friendly (e.g. 24 for 256-unit nets)")
     p.add_argument("--seed", type=int, default=0, help="seeds the training tasks, envs and networks")
     p.add_argument("--split", default="train", choices=("train", "val", "test"),
                    help="which tasks to learn: AD's training tasks, or held-out ones (a baseline that adapts "
                         "from a test task's own data, macaw.py, reads the source's histories on them)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--threads", type=envs.positive_int, default=None,
-                   help="torch CPU threads (default: torch's, one per core; use 1 per job when "
+                   help="torch CPU threads; None: torch's, one per core (use 1 per job when "
                         "running several jobs at once)")
     p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"),
                    help="matmul precision of the updates (weights and optimiser stay fp32); auto = bf16 "
                         "where the hardware has bf16 units (AMX, AVX512-BF16, recent GPUs), else fp32")
-    p.add_argument("--out", default=None, help=f"output directory (default: data/ENV/{algo}, "
-                                               f"data/ENV/{algo}_SPLIT for another --split)")
+    p.add_argument("--out", default=None, help=f"output directory; None: data/ENV/{algo}, "
+                                               f"data/ENV/{algo}_SPLIT for another --split")
     p.add_argument("--n-envs", type=envs.positive_int, default=5, help="parallel envs per task")
-    p.add_argument("--gamma", type=float, default=0.99)
+    p.add_argument("--gamma", type=float, default=0.99, help="discount")
     return p
 
 

@@ -192,10 +192,10 @@ def collect_and_learn(agent, vec, n_steps, args, desc, task_seeds=None):
 def build_parser(algo, description):
     """The off-policy scripts' command line (sac.py, droq.py): Appendix A's defaults."""
     p = rl.base_parser(algo, description)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--batch-size", type=envs.positive_int, default=256)
+    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
+    p.add_argument("--batch-size", type=envs.positive_int, default=256, help="replay minibatch per task")
     p.add_argument("--warmup", type=int, default=400, help="random-action steps per task before learning")
-    p.add_argument("--buffer-size", type=envs.positive_int, default=1_000_000)
+    p.add_argument("--buffer-size", type=envs.positive_int, default=1_000_000, help="replay buffer per task")
     p.add_argument("--tau", type=float, default=0.005, help="Polyak averaging rate of the target critics")
     p.add_argument("--alpha-init", type=float, default=1.0, help="initial entropy weight")
     p.add_argument("--hidden", type=envs.positive_int, default=256, help="units in each of the 2 hidden layers")

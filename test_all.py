@@ -955,3 +955,74 @@ def test_triton_kernels_compile_for_a_gpu():
     result = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], cwd=HERE, env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------- behaviour pictures
+
+def test_each_env_traces_what_the_behaviour_figure_draws():
+    """trace() reads (where, goal) from the simulator state: known states give known points."""
+    point = envs.make_env("point_goal", task=(0.6, 0.8), seed=0)
+    point.step(np.array([1.0, 0.0]))
+    where, goal = point.trace()
+    np.testing.assert_allclose(where, [0.1, 0.0], atol=1e-7)
+    np.testing.assert_allclose(goal, [0.6, 0.8])
+
+    reacher = envs.make_env("reacher_goal", task=(0.05, -0.1), seed=0)
+    qpos = np.zeros(reacher.model.nq)
+    qpos[-2:] = reacher.task                                # both joints at 0: the arm lies along x
+    reacher.set_state(qpos, np.zeros(reacher.model.nv))
+    where, goal = reacher.trace()
+    np.testing.assert_allclose(where, [0.21, 0.0], atol=1e-6)  # links of 0.1 and 0.11
+    np.testing.assert_allclose(goal, [0.05, -0.1], atol=1e-6)
+
+    pusher = envs.make_env("pusher_goal", task=(0.2, 0.1, -0.1, 0.15), seed=0)
+    where, goal = pusher.trace()                             # the XML puts both bodies at (0.45, -0.05)
+    np.testing.assert_allclose(where, [0.65, 0.05], atol=1e-6)
+    np.testing.assert_allclose(goal, [0.35, 0.10], atol=1e-6)
+
+    cheetah = envs.make_env("half_cheetah_vel", task=(2.5,), seed=0)
+    qvel = np.zeros(cheetah.model.nv)
+    qvel[0] = 1.5
+    cheetah.set_state(cheetah.data.qpos.copy(), qvel)
+    where, goal = cheetah.trace()
+    np.testing.assert_allclose(where, [1.5])
+    np.testing.assert_allclose(goal, [2.5])
+
+    ant = envs.make_env("ant_dir", task=(0.0, -1.0), seed=0)
+    qpos = ant.data.qpos.copy()
+    qpos[:2] = 1.0, -2.0
+    ant.set_state(qpos, np.zeros(ant.model.nv))
+    where, goal = ant.trace()
+    np.testing.assert_allclose(where, [1.0, -2.0], atol=1e-6)
+    np.testing.assert_allclose(goal, [0.0, -1.0])
+    assert [envs.ENVS[e].env_class.trace_kind for e in envs.ENVS] == ["path", "path", "path", "speed", "direction"]
+
+
+def _tiny_checkpoint(tmp_path):
+    _write_point_histories(tmp_path / "data")
+    ad.train(_ad_args(tmp_path, tmp_path / "data", "--epochs", "2"))
+    return tmp_path / "run"
+
+
+def test_rollout_records_the_paths_that_earned_its_returns(tmp_path):
+    model, ckpt = ad.load_checkpoint(str(_tiny_checkpoint(tmp_path)))
+    tasks = envs.sample_tasks("point_goal", 2, "test")
+    kwargs = dict(n_episodes=3, n_seeds=2, act="sample", seed=1)
+    returns, where, goal = ad.rollout(model, ckpt["meta"], tasks, record=True, **kwargs)
+    assert where.shape == (2, 2, 3, 21, 2) and goal.shape == (2, 2, 2)
+    np.testing.assert_array_equal(returns, ad.rollout(model, ckpt["meta"], tasks, **kwargs))  # unchanged by it
+    np.testing.assert_allclose(goal, np.broadcast_to(tasks[:, None], (2, 2, 2)))
+    np.testing.assert_array_equal(where[:, :, :, 0], 0)                  # every episode starts at the origin
+    steps = np.linalg.norm(np.diff(where, axis=3), axis=-1)
+    assert steps.max() <= 0.1 * np.sqrt(2) + 1e-6 and steps.min() > 0       # s <- s + 0.1 a, a in the box
+    distance = np.linalg.norm(where[:, :, :, 1:] - goal[:, :, None, None], axis=-1)  # reward: -||s - goal||
+    np.testing.assert_allclose(returns, -distance.sum(-1), rtol=1e-5)
+
+
+def test_evaluate_draws_behaviour_and_animates(tmp_path):
+    run = _tiny_checkpoint(tmp_path)
+    evaluate.main([str(run), "--tasks", "4", "--seeds", "2", "--episodes", "3", "--device", "cpu", "--animate"])
+    assert (run / "behaviour.png").stat().st_size > 10_000
+    from PIL import Image
+    gif = Image.open(run / "behaviour.gif")
+    assert gif.n_frames == 3 * 20                                        # 3 episodes x 20 steps
