@@ -63,7 +63,7 @@ class Hybrid(nn.Module):
     def __init__(self, d_in, d_out, d_model, n_layer, attn_layers, segment, d_goal=None, d_state=16, n_head=4,
                  d_ff=None):
         super().__init__()
-        self.segment, self.d_in = segment, d_in
+        self.segment, self.d_in, self.d_model = segment, d_in, d_model
         self.mamba = mamba.Mamba(segment * d_in, d_model, d_model, n_layer, d_state=d_state)
         self.transformer = transformer.Transformer(d_in + d_model, d_out, d_model, attn_layers, n_head=n_head,
                                                    max_len=segment + 1, d_ff=d_ff or 4 * d_model)
@@ -91,8 +91,8 @@ class Hybrid(nn.Module):
         n_seg = z.shape[1]
         # the segments side by side in the batch, the last one padded (its padding follows every real token)
         local = F.pad(x, (0, 0, 0, n_seg * c - T)).reshape(B * n_seg, c, self.d_in)
-        z = z.reshape(B * n_seg, 1, -1)
-        tokens = torch.cat([F.pad(z, (self.d_in, 0)), F.pad(local, (0, z.shape[-1]))], dim=1)
+        z = z.reshape(B * n_seg, 1, self.d_model)
+        tokens = torch.cat([F.pad(z, (self.d_in, 0)), F.pad(local, (0, self.d_model))], dim=1)
         y = self.transformer(tokens)[:, 1:]                               # the outputs at the x tokens
         return y.reshape(B, n_seg * c, -1)[:, :T]
 
@@ -111,7 +111,6 @@ class Hybrid(nn.Module):
             state["local"]["length"] = 0
             self.transformer.step(F.pad(z, (self.d_in, 0)), state["local"])
         state["segment"][:, i] = x
-        y, state["local"] = self.transformer.step(F.pad(x, (0, self.transformer.embed.in_features - self.d_in)),
-                                                  state["local"])
+        y, state["local"] = self.transformer.step(F.pad(x, (0, self.d_model)), state["local"])
         state["position"] = (i + 1) % self.segment
         return y, state
