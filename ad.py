@@ -13,6 +13,10 @@ downsampled to every k-th episode. `--context full` trains on whole downsampled 
 `--context N` on random windows of N tokens inside one stream. Losses: `mse` on the executed action (eq. 6)
 or `nll`, a Gaussian head trained against the source policy's own distribution (act_mean, act_std).
 
+Three sequence models read the tokens (--arch): mamba.py, transformer.py and hybrid.py (Decision Mamba-Hybrid:
+Mamba over c-step segments emits a sub-goal, a small transformer acts on it and the segment; trained with a
+second pass on valuable sub-goals from the histories, unless --no-valuable-subgoals).
+
 The training loss barely moves while rollouts improve, so every --eval-every updates the model is rolled out
 in context on a few *validation* tasks (never the test tasks evaluate.py reports on) and the best checkpoint
 by the strict score is kept: 0 = the better of the zero-action and random policies, 1 = the source
@@ -21,6 +25,7 @@ algorithm's final return.
     python ad.py --arch mamba                                 # data/reacher_goal/sac -> out/reacher_goal/mamba
     python ad.py --env point_goal                             # the CPU demo (README; ENVS sets lr, epochs)
     python ad.py --env point_goal --resume                    # continue a killed run
+    python ad.py --env point_goal --arch hybrid --params 98884   # DM-H at the AD-Mamba's size
 """
 import argparse
 import glob
@@ -37,10 +42,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import envs
+import hybrid
 import mamba
 import transformer
 
-ARCHS = ("mamba", "transformer")
+ARCHS = ("mamba", "transformer", "hybrid")
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 1.0
 
 
@@ -126,12 +132,19 @@ def stream_tokens(obs, act, rew, stats):
     return make_token(obs, prev_act, prev_rew, first, stats)
 
 
-def build_streams(data, stats):
+def build_streams(data, stats, subgoals=False):
     """Flatten each (task, env) pair of downsampled histories into one token stream.
-    Returns tokens [tasks, E, L, d_in] and targets act, act_mean, act_std [tasks, E, L, act_dim]."""
+    Returns tokens [tasks, E, L, d_in] and targets act, act_mean, act_std [tasks, E, L, act_dim]; with
+    subgoals, also each step's valuable sub-goal for DM-H (hybrid.py): the standardised observation of the
+    future step of its episode that hybrid.valuable_subgoal_steps picks, "subgoal" [tasks, E, L, obs_dim]."""
     arrays = {key: torch.as_tensor(data[key]) for key in HISTORY_ARRAYS}
     tokens = stream_tokens(arrays["obs"], arrays["act"], arrays["rew"], stats)
-    return tokens, {key: arrays[key].flatten(-3, -2) for key in ("act", "act_mean", "act_std")}
+    targets = {key: arrays[key].flatten(-3, -2) for key in ("act", "act_mean", "act_std")}
+    if subgoals:
+        steps = hybrid.valuable_subgoal_steps(arrays["rew"])[..., None]          # [.., episodes, H, 1]
+        goal = torch.take_along_dim(arrays["obs"], steps, dim=-2)
+        targets["subgoal"] = ((goal - stats["obs_mean"]) / stats["obs_std"]).flatten(-3, -2)
+    return tokens, targets
 
 
 def source_curve(returns, k):
@@ -152,15 +165,24 @@ def build_model(config):
     if config["arch"] == "transformer":
         return transformer.Transformer(config["d_in"], config["d_out"], config["d_model"], config["n_layer"],
                                        n_head=config["n_head"], max_len=config["max_len"], d_ff=config["d_ff"])
+    if config["arch"] == "hybrid":
+        return hybrid.Hybrid(config["d_in"], config["d_out"], config["d_model"], config["n_layer"],
+                             config["attn_layers"], config["segment"], d_goal=config["d_goal"],
+                             d_state=config["d_state"], n_head=config["n_head"], d_ff=config["d_ff"])
     raise DataError(f"unknown arch {config['arch']!r}; this version knows: {', '.join(ARCHS)}")
 
 
-def arch_config(arch, sizes, d_in, d_out, max_len):
-    """A checkpoint's model config from sizes {d_model, n_layer, d_state | n_head, d_ff}. A transformer's
-    position table is as long as its training context (max_len); Mamba has no such limit."""
+def arch_config(arch, sizes, d_in, d_out, max_len, obs_dim=None):
+    """A checkpoint's model config from sizes {d_model, n_layer, d_state | n_head, d_ff | all of those and
+    segment, attn_layers, valuable_subgoals (default on) for DM-H}. A transformer's position table is as long
+    as its training context (max_len); Mamba and DM-H have no such limit. DM-H's sub-goals are observations."""
     config = {"arch": arch, "d_in": d_in, "d_out": d_out, "d_model": sizes["d_model"], "n_layer": sizes["n_layer"]}
     if arch == "mamba":
         return {**config, "d_state": sizes["d_state"]}
+    if arch == "hybrid":
+        return {**config, "d_state": sizes["d_state"], "n_head": sizes["n_head"], "d_ff": sizes["d_ff"],
+                "attn_layers": sizes["attn_layers"], "segment": sizes["segment"], "d_goal": obs_dim,
+                "valuable_subgoals": sizes.get("valuable_subgoals", True)}
     return {**config, "n_head": sizes["n_head"], "d_ff": sizes["d_ff"], "max_len": max_len}
 
 
@@ -203,6 +225,16 @@ def action_loss(out, targets, loss):
         return F.mse_loss(mean, targets["act"])
     squared = (targets["act_mean"] - mean).square() + targets["act_std"].square()
     return (log_std + 0.5 * squared * torch.exp(-2 * log_std)).mean()
+
+
+def training_loss(model, tokens, targets, loss):
+    """The action loss; for DM-H trained with valuable sub-goals (targets hold "subgoal"), the mean of it and
+    the loss of a second pass whose segments are conditioned on those sub-goals instead of Mamba's (DM-H
+    Section 4.3): the same actions, so the transformer learns to follow a sub-goal."""
+    value = action_loss(model(tokens).float(), targets, loss)  # fp32 loss, also under bf16 autocast
+    if "subgoal" not in targets:
+        return value
+    return 0.5 * (value + action_loss(model(tokens, subgoals=targets["subgoal"]).float(), targets, loss))
 
 
 def choose_action(out, loss, act, generator=None):
@@ -393,7 +425,7 @@ def prepare(args):
     n_holdout = min(n_tasks - 1, max(1, round(args.holdout * n_tasks))) if args.holdout > 0 else 0
     n_train = n_tasks - n_holdout
     stats = dataset_stats(data["obs"][:n_train], data["rew"][:n_train])
-    tokens, targets = build_streams(data, stats)
+    tokens, targets = build_streams(data, stats, subgoals=args.arch == "hybrid" and args.valuable_subgoals)
     L = tokens.shape[2]
     if args.context != "full" and args.context > L:
         raise DataError(f"--context {args.context} is longer than a downsampled stream ({L} tokens); "
@@ -406,7 +438,7 @@ def prepare(args):
     curve, final = source_curve(data["returns"], args.k)
     obs_dim, act_dim = data["obs"].shape[-1], data["act"].shape[-1]
     d_in, d_out = model_io(obs_dim, act_dim, args.loss)
-    shape = dict(d_in=d_in, d_out=d_out, max_len=L if args.context == "full" else args.context)
+    shape = dict(d_in=d_in, d_out=d_out, max_len=L if args.context == "full" else args.context, obs_dim=obs_dim)
     config = arch_config(args.arch, vars(args), **shape)
     other = "transformer" if args.arch == "mamba" else "mamba"
     other_config = arch_config(other, {**getattr(settings, other), "d_state": args.d_state}, **shape)
@@ -473,8 +505,7 @@ def train(args):
             group["lr"] = lr_at(it, total, args)
         tokens, targets = sample_batch(*train_set, args, generator, rank, world)
         with envs.autocast(args.device, args.bf16):
-            out = ddp(tokens)
-        loss = action_loss(out.float(), targets, args.loss)
+            loss = training_loss(ddp, tokens, targets, args.loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if world > 1:  # the mean over the global batch, for the log and the NaN check on every process
@@ -567,6 +598,12 @@ def build_parser():
     p.add_argument("--d-state", type=envs.positive_int, default=16, help="Mamba's SSM state size N")
     p.add_argument("--n-head", type=envs.positive_int, default=None, help="transformer heads; None: envs.ENVS's")
     p.add_argument("--d-ff", type=envs.positive_int, default=None, help="transformer MLP width; None: envs.ENVS's")
+    p.add_argument("--segment", type=envs.positive_int, default=None,
+                   help="DM-H: steps per segment, one sub-goal each (the paper's c); None: envs.ENVS's")
+    p.add_argument("--attn-layers", type=envs.positive_int, default=None,
+                   help="DM-H: transformer layers (--n-layer counts its Mamba layers); None: envs.ENVS's")
+    p.add_argument("--valuable-subgoals", action=argparse.BooleanOptionalAction, default=True,
+                   help="DM-H: train a second pass on valuable sub-goals (DM-H 4.3); --no-...: the ablation")
     p.add_argument("--params", type=envs.positive_int, default=None,
                    help="pick --d-model so that the model has about this many parameters (to match archs)")
     p.add_argument("--epochs", type=envs.positive_int, default=450, help="passes over the training tokens (App. B)")
@@ -602,8 +639,11 @@ def parse_args(argv=None):
     sizes = getattr(settings, args.arch)
     args.d_model = args.d_model or sizes["d_model"]
     args.n_layer = args.n_layer or sizes["n_layer"]
-    args.n_head = args.n_head or settings.transformer["n_head"]
-    args.d_ff = args.d_ff or settings.transformer["d_ff"]
+    attention = settings.hybrid if args.arch == "hybrid" else settings.transformer
+    args.n_head = args.n_head or attention["n_head"]
+    args.d_ff = args.d_ff or attention["d_ff"]
+    args.segment = args.segment or settings.hybrid["segment"]
+    args.attn_layers = args.attn_layers or settings.hybrid["attn_layers"]
     args.weight_decay = settings.weight_decay if args.weight_decay is None else args.weight_decay
     args.device = resolve_device(args.device)
     if args.device == "cuda" and envs.dist_env()[1] > 1:  # torchrun: one GPU per process on each machine

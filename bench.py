@@ -11,9 +11,10 @@
         package is importable (never a dependency), the official CUDA kernel as backend "mamba_ssm".
         On a CPU "triton" runs only under TRITON_INTERPRET=1: a correctness tool, not a speed measure.
     python bench.py rollout [--env reacher_goal] [--contexts 1024 4096 16384 65536] [--batch 10]
-        In-context rollout cost: per-step latency of Mamba.step and Transformer.step (KV cache) at the
-        env's ENVS sizes once 1k..64k tokens of context have been consumed, and the memory the context
-        takes; prints a table and saves a plot (--plot, default figures/rollout_latency.png).
+        In-context rollout cost: per-step latency of Mamba.step, Transformer.step (KV cache) and
+        Hybrid.step (DM-H: Mamba once per segment, a KV cache of at most c + 1 tokens) at the env's ENVS
+        sizes once 1k..64k tokens of context have been consumed, and the memory the context takes; prints
+        a table and saves a plot (--plot, default figures/rollout_latency.png).
     python bench.py ad [--env point_goal] [--batch 16] [--length 200]
         AD training updates per second for Mamba and the transformer at the env's ENVS sizes, fp32 against
         bf16 autocast (ad.py --dtype), side by side.
@@ -32,10 +33,12 @@ import torch
 import ad
 import droq
 import envs
+import hybrid
 import mamba
 import ppo
 import rl
 import sac
+import transformer
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
@@ -182,10 +185,10 @@ def _official_scan():
 
 
 def bench_rollout(args):
-    """Per-step latency of Mamba.step and Transformer.step (KV cache) once `context` tokens have been
-    consumed, at the env's ENVS sizes, and the memory the context takes. A step's cost does not depend on
-    what the state holds, so it is filled at random rather than by a real prefix (a 64k-token prefix
-    through the transformer would take hours on a CPU); its size is the real one."""
+    """Per-step latency of Mamba.step, Transformer.step (KV cache) and Hybrid.step (DM-H) once `context`
+    tokens have been consumed, at the env's ENVS sizes, and the memory the context takes. A step's cost does
+    not depend on what the state holds, so it is filled at random rather than by a real prefix (a 64k-token
+    prefix through the transformer would take hours on a CPU); its size is the real one."""
     torch.set_num_threads(args.threads)
     settings = envs.ENVS[args.env]
     vec = envs.MultiTaskVecEnv(args.env, envs.sample_tasks(args.env, 1, "test"), 1)
@@ -194,9 +197,9 @@ def bench_rollout(args):
           f"{args.threads} thread(s)")
     rows = []
     for context in args.contexts:
-        for arch in ("mamba", "transformer"):
+        for arch in ad.ARCHS:
             config = ad.arch_config(arch, {**getattr(settings, arch), "d_state": 16}, d_in, d_out,
-                                    max_len=context + args.steps + 1)
+                                    max_len=context + args.steps + 1, obs_dim=vec.obs_dim)
             model = ad.build_model(config).to(args.device).eval()
             state = filled_state(model, args.batch, context, args.device)
             if args.device.startswith("cuda"):
@@ -212,10 +215,11 @@ def bench_rollout(args):
             del model, state
     step_ms = {(r["arch"], r["context"]): r["step_ms"] for r in rows}
     short, long = min(args.contexts), max(args.contexts)
-    for arch in ("mamba", "transformer"):
+    for arch in ad.ARCHS:
         print(f"{arch}: step at {long} tokens / at {short}: {step_ms[arch, long] / step_ms[arch, short]:.2f}x")
-    print(f"at {long} tokens the transformer's step takes "
-          f"{step_ms['transformer', long] / step_ms['mamba', long]:.1f}x Mamba's")
+    for arch in ("mamba", "hybrid"):
+        print(f"at {long} tokens the transformer's step takes "
+              f"{step_ms['transformer', long] / step_ms[arch, long]:.1f}x the {arch}'s")
     if os.path.dirname(args.plot):
         os.makedirs(os.path.dirname(args.plot), exist_ok=True)
     plot_rollout(rows, args.plot, f"{args.env} sizes (ENVS), batch {args.batch}, {args.device}, "
@@ -271,27 +275,34 @@ def bench_ad(args):
 
 
 def filled_state(model, batch, context, device):
-    """A state as after `context` tokens: Mamba's fixed-size one, or a KV cache holding `context` tokens."""
+    """A state as after `context` tokens: a KV cache holding `context` tokens (transformer), or Mamba's
+    fixed-size one (DM-H's too: its local cache restarts every segment, whatever the context)."""
     state = model.init_state(batch, device)
-    if isinstance(state, dict):           # transformer: fill the first `context` slots of every cache
+    if isinstance(model, transformer.Transformer):  # fill the first `context` slots of every cache
         for cache in state["k"] + state["v"]:
             cache[:, :, :context].normal_()
         state["length"] = context
+        return state
+    if isinstance(model, hybrid.Hybrid):
+        state["mamba"] = filled_state(model.mamba, batch, context, device)
         return state
     return [tuple(torch.randn_like(t) for t in layer) for layer in state]
 
 
 @torch.no_grad()
 def time_steps(model, state, batch, d_in, n_steps, device):
-    """Median seconds of one step over n_steps (after one warm-up step)."""
+    """Median seconds of one step over n_steps (after one warm-up). DM-H's steps differ within a segment
+    (Mamba runs at its first), so each of its samples is a whole segment's mean step: the amortised cost."""
     x = torch.randn(batch, d_in, device=device)
+    period = model.segment if isinstance(model, hybrid.Hybrid) else 1
     times = []
     for _ in range(n_steps + 1):
         _sync(device)
         start = time.perf_counter()
-        _, state = model.step(x, state)
+        for _ in range(period):
+            _, state = model.step(x, state)
         _sync(device)
-        times.append(time.perf_counter() - start)
+        times.append((time.perf_counter() - start) / period)
     return statistics.median(times[1:])
 
 
@@ -306,7 +317,7 @@ def tensor_bytes(state):
 def plot_rollout(rows, png, title):
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.3))
     fig.suptitle(title, fontsize=10)
-    for arch in ("mamba", "transformer"):
+    for arch in ad.ARCHS:
         mine = [r for r in rows if r["arch"] == arch]
         x = [r["context"] for r in mine]
         left.plot(x, [r["step_ms"] for r in mine], "o-", label=f"{arch} ({mine[0]['params'] / 1e6:.1f}M params)")
@@ -360,11 +371,11 @@ def main():
     scan.add_argument("--repeats", type=envs.positive_int, default=3)
     scan.add_argument("--threads", type=envs.positive_int, default=1)
     scan.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    rollout = sub.add_parser("rollout", help="Mamba.step vs Transformer.step latency against context length")
+    rollout = sub.add_parser("rollout", help="Mamba, transformer and DM-H step latency against context length")
     rollout.add_argument("--env", default="reacher_goal", choices=list(envs.ENVS), help="model sizes from ENVS")
     rollout.add_argument("--contexts", type=envs.positive_int, nargs="+", default=[1024, 4096, 16384, 65536])
     rollout.add_argument("--batch", type=envs.positive_int, default=10, help="rollouts stepped together")
-    rollout.add_argument("--steps", type=envs.positive_int, default=10, help="timed steps per row (median)")
+    rollout.add_argument("--steps", type=envs.positive_int, default=10, help="timed steps (DM-H: segments) per row (median)")
     rollout.add_argument("--plot", default=os.path.join("figures", "rollout_latency.png"))
     rollout.add_argument("--threads", type=envs.positive_int, default=1)
     rollout.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

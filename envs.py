@@ -271,6 +271,7 @@ class EnvSettings:
     weight_decay: float            # AD optimiser weight decay (Appendix B)
     mamba: dict                    # AD-Mamba size (Appendix B)
     transformer: dict              # AD-transformer size (Appendix B; see the note above ENVS)
+    hybrid: dict                   # Decision Mamba-Hybrid size (hybrid.py; see the note above ENVS)
     rl: dict = field(default_factory=dict)  # {algo: overrides of that RL script's defaults} for this env
     ad: dict = field(default_factory=dict)  # overrides of ad.py's defaults for this env
 
@@ -283,6 +284,9 @@ class EnvSettings:
 # width. Read as the width per head (d_model = 4 x 42 = 168, ...), a pre-norm GPT with feed-forward 2048
 # has the table's parameter counts: 6.4M for Reacher (table: 6M), 11.8M for Pusher and Cheetah (12M);
 # Ant's 512 x 6 layers gives 18.9M against the table's 14M, which no reading we tried matches.
+# Decision Mamba-Hybrid (hybrid.py) is not in the AD paper. Its segment length c follows DM-H Appendix B
+# (5 steps for its 20-step Grid World episodes, 20 for D4RL's long ones; 10 for Reacher's 50); its Mamba and
+# transformer share one width, sized to about the AD-Mamba's parameter count (ad.py --params matches exactly).
 ENVS = {
     # Not in the paper: the CPU demo. Rewards are about -1 per step, so an initial entropy weight of 1
     # swamps them; small nets, lr 1e-3 and 4 updates per vector step solve it within 2,000 steps. The
@@ -293,6 +297,7 @@ ENVS = {
         k=4, weight_decay=1e-4, mamba=dict(d_model=64, n_layer=3),
         # about the Mamba's size: 95,044 vs 98,884 parameters with its 200-token streams (ad.py prints both)
         transformer=dict(d_model=48, n_layer=3, n_head=4, d_ff=192),
+        hybrid=dict(segment=5, d_model=48, n_layer=2, attn_layers=2, n_head=4, d_ff=168),  # 98,452 params
         rl=dict(sac=dict(lr=1e-3, alpha_init=0.1, hidden=64, gradient_steps=4),
                 droq=dict(lr=1e-3, alpha_init=0.1, hidden=64),
                 # PPO is on-policy and slow but steady: -4.7 after 100k steps per task (3 tasks; RESULTS.md)
@@ -303,6 +308,7 @@ ENVS = {
         "ReacherGoal-v0", ReacherGoal, _reacher_goal, algo="sac", train_tasks=70, steps_per_task=100_000,
         k=4, weight_decay=1e-4, mamba=dict(d_model=384, n_layer=6),
         transformer=dict(d_model=168, n_layer=8, n_head=4, d_ff=2048),
+        hybrid=dict(segment=10, d_model=288, n_layer=4, attn_layers=3, n_head=4, d_ff=1152),
         # Appendix A's lr 1e-4 with an initial alpha of 1 (SB3's default) lets the entropy bonus swamp
         # rewards of about -0.2 per step for a whole 20k-step run (measured: -31 at 20k steps; -4.1
         # with these settings; RESULTS.md). DroQ is SAC with other critics: the same reasons hold.
@@ -311,11 +317,13 @@ ENVS = {
     "pusher_goal": EnvSettings(
         "PusherGoal-v0", PusherGoal, _pusher_goal, algo="ppo", train_tasks=35, steps_per_task=500_000,
         k=10, weight_decay=2e-4, mamba=dict(d_model=512, n_layer=8),
-        transformer=dict(d_model=256, n_layer=9, n_head=4, d_ff=2048)),
+        transformer=dict(d_model=256, n_layer=9, n_head=4, d_ff=2048),
+        hybrid=dict(segment=20, d_model=448, n_layer=4, attn_layers=3, n_head=4, d_ff=1792)),
     "half_cheetah_vel": EnvSettings(
         "HalfCheetahVel-v0", HalfCheetahVel, _half_cheetah_vel, algo="sac", train_tasks=15,
         steps_per_task=400_000, k=8, weight_decay=5e-4, mamba=dict(d_model=512, n_layer=8),
         transformer=dict(d_model=256, n_layer=9, n_head=4, d_ff=2048),
+        hybrid=dict(segment=20, d_model=448, n_layer=4, attn_layers=3, n_head=4, d_ff=1792),
         # As on Reacher: with lr 1e-4 and alpha 1 the policy stays as wide as at the start (std 0.57)
         # and the return flat at the random policy's for 40k steps; these rise: -504 -> -179 in 100k (RESULTS.md).
         rl=dict(sac=dict(lr=1e-3, alpha_init=0.1))),
@@ -323,6 +331,7 @@ ENVS = {
         "AntDir-v0", AntDir, _ant_dir, algo="droq", train_tasks=30, steps_per_task=500_000,
         k=10, weight_decay=5e-4, mamba=dict(d_model=512, n_layer=8),
         transformer=dict(d_model=512, n_layer=6, n_head=4, d_ff=2048),
+        hybrid=dict(segment=20, d_model=448, n_layer=4, attn_layers=3, n_head=4, d_ff=1792),
         # Appendix A's lr 1e-4 and alpha 1: still at the random policy's return after 15k steps; with
         # these the ant learns to stay up, then to walk (+250 at 30k steps; RESULTS.md).
         rl=dict(droq=dict(lr=1e-3, alpha_init=0.1))),

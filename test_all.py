@@ -21,6 +21,7 @@ import ad
 import droq
 import envs
 import evaluate
+import hybrid
 import mamba
 import ppo
 import rl
@@ -1026,3 +1027,106 @@ def test_evaluate_draws_behaviour_and_animates(tmp_path):
     from PIL import Image
     gif = Image.open(run / "behaviour.gif")
     assert gif.n_frames == 3 * 20                                        # 3 episodes x 20 steps
+
+
+# ----------------------------------------------------------------------------- Decision Mamba-Hybrid
+def _tiny_hybrid(segment=5):
+    torch.manual_seed(0)
+    return hybrid.Hybrid(5, 3, 16, 2, 2, segment, d_goal=2, d_state=4, n_head=2, d_ff=32).eval()
+
+
+def test_hybrid_step_reproduces_forward_across_segments():
+    """23 tokens = 4 segments of 5 and a partial one: each step equals forward; the local cache restarts every
+    segment, so the state's size never grows."""
+    model, x = _tiny_hybrid(), torch.randn(2, 23, 5)
+    with torch.no_grad():
+        state, steps = model.init_state(2), []
+        for t in range(x.shape[1]):
+            y, state = model.step(x[:, t], state)
+            steps.append(y)
+            assert state["local"]["length"] == t % 5 + 2           # z and the segment's tokens so far
+        torch.testing.assert_close(torch.stack(steps, 1), model(x), rtol=1e-5, atol=1e-6)
+    assert state["local"]["k"][0].shape[2] == 6                    # at most c + 1 tokens, ever
+
+
+def test_hybrid_is_causal_and_recalls_earlier_segments():
+    """Changing token 11 (segment 2) changes no earlier output, and changes the later segments' outputs
+    although their local context never holds token 11: the sub-goal z carries it (Mamba's recall)."""
+    model, x = _tiny_hybrid(), torch.randn(2, 23, 5)
+    changed = x.clone()
+    changed[:, 11] += 1.0
+    with torch.no_grad():
+        before, after = model(x), model(changed)
+    torch.testing.assert_close(after[:, :11], before[:, :11], rtol=0, atol=0)
+    assert (after[:, 11] - before[:, 11]).abs().max() > 1e-3
+    assert (after[:, 15:] - before[:, 15:]).abs().max() > 1e-5
+
+
+def test_valuable_subgoal_steps_by_hand():
+    """(r_t + .. + r_t') / (t' - t), maximised over t' > t; the last step keeps itself; ties go to the nearest.
+    [1, 0, 3, -1]: t=0: 1, 4/2, 3/3 -> 2; t=1: 3, 2/2 -> 2; t=2: 2 -> 3. [-1, -1, -1, 0]: the sums shrink
+    in size with the distance -> 3. [0, 1, 0, 1]: t=0: 1, 1/2, 2/3 -> 1; t=1: 1, 2/2 -> 2 (tie, nearest)."""
+    rew = torch.tensor([[[1., 0, 3, -1], [-1, -1, -1, 0]], [[0, 1, 0, 1], [0, 0, 0, 0]]])
+    expected = [[[2, 2, 3, 3], [3, 3, 3, 3]], [[1, 2, 3, 3], [1, 2, 3, 3]]]
+    assert hybrid.valuable_subgoal_steps(rew).tolist() == expected
+
+
+def test_streams_carry_each_steps_valuable_subgoal():
+    """ad.build_streams(subgoals=True): the standardised observation of the chosen step of the same episode."""
+    obs = np.arange(8, dtype=np.float32).reshape(1, 1, 2, 4, 1)                # obs = global step
+    rew = np.array([[[[1., 0, 3, -1], [-1, -1, -1, 0]]]], np.float32)
+    data = {"obs": obs, "act": 0 * obs, "rew": rew, "act_mean": 0 * obs, "act_std": 0 * obs}
+    stats = {"obs_mean": torch.ones(1), "obs_std": 2 * torch.ones(1), "rew_mean": torch.tensor(0.),
+             "rew_std": torch.tensor(1.)}
+    _, targets = ad.build_streams(data, stats, subgoals=True)
+    expected = (np.array([2, 2, 3, 3, 7, 7, 7, 7]) - 1) / 2
+    np.testing.assert_allclose(targets["subgoal"][0, 0, :, 0].numpy(), expected)
+    assert "subgoal" not in ad.build_streams(data, stats)[1]
+
+
+def test_match_params_for_the_hybrid():
+    """--params matches DM-H by its shared width (a multiple of n_head); the frozen sub-goal layer is no
+    parameter, so the count is what the optimiser trains."""
+    config = ad.arch_config("hybrid", dict(d_model=8, n_layer=2, attn_layers=2, n_head=4, d_ff=168, segment=5,
+                                           d_state=16), d_in=6, d_out=4, max_len=200, obs_dim=2)
+    matched = ad.match_params(config, 98884)
+    gaps = {w: abs(ad.count_params({**config, "d_model": w}) - 98884) for w in range(4, 200, 4)}
+    assert matched["d_model"] % 4 == 0 and gaps[matched["d_model"]] == min(gaps.values())
+    model = ad.build_model(matched)
+    assert ad.count_params(matched) == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert "goal_weight" in model.state_dict()
+
+
+def test_ad_trains_and_evaluates_a_hybrid(tmp_path):
+    """ad.py --arch hybrid end to end, with and without valuable sub-goals: the loss averages the two passes,
+    the frozen layer stays as it was, the checkpoint loads with weights_only=True, evaluate.py rolls it out."""
+    _write_point_histories(tmp_path / "data")
+    common = ("--arch", "hybrid", "--segment", "3", "--attn-layers", "1", "--n-head", "2", "--d-ff", "16",
+              "--epochs", "3", "--eval-every", "3")
+    args = _ad_args(tmp_path, tmp_path / "data", *common)
+    train_set, _, config, _ = ad.prepare(args)
+    assert config["valuable_subgoals"] and train_set[1]["subgoal"].shape == (*train_set[0].shape[:2], 2)
+    model = ad.build_model(config)
+    tokens, targets = train_set
+    both = ad.training_loss(model, tokens, targets, "nll")
+    plain = ad.action_loss(model(tokens), targets, "nll")
+    guided = ad.action_loss(model(tokens, subgoals=targets["subgoal"]), targets, "nll")
+    torch.testing.assert_close(both, 0.5 * (plain + guided))
+    assert (guided - plain).abs() > 1e-4
+
+    ad.train(args)
+    ablation = _ad_args(tmp_path, tmp_path / "data", *common, "--no-valuable-subgoals", "--out", str(tmp_path / "abl"))
+    assert "subgoal" not in ad.prepare(ablation)[0][1]
+    ad.train(ablation)
+    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    assert ckpt["model_config"]["arch"] == "hybrid" and ckpt["model_config"]["segment"] == 3
+    trained, _ = ad.load_checkpoint(str(tmp_path / "run"), arch="hybrid")
+    torch.manual_seed(0)                          # ad.train builds its model right after seeding with --seed
+    fresh = ad.build_model(ckpt["model_config"])
+    torch.testing.assert_close(trained.goal_weight, fresh.goal_weight, rtol=0, atol=0)   # frozen
+    assert not torch.equal(trained.transformer.embed.weight, fresh.transformer.embed.weight)  # trained
+    assert not torch.load(tmp_path / "abl" / "ckpt.pt", weights_only=True)["model_config"]["valuable_subgoals"]
+    evaluate.main([str(tmp_path / "run"), "--tasks", "2", "--seeds", "1", "--episodes", "4", "--device", "cpu",
+                   "--out", str(tmp_path / "eval")])
+    results = json.load(open(tmp_path / "eval" / "eval.json"))
+    assert results["arch"] == "hybrid" and np.asarray(results["returns"]).shape == (2, 1, 4)
