@@ -927,14 +927,14 @@ def test_mql_tiny_run_writes_results_that_evaluate_scores(tmp_path, capsys):
     _fake_histories(tmp_path / "data")
     out = tmp_path / "mql"
     mql.main(["--env", "point_goal", "--data", str(tmp_path / "data"), "--k", "2", "--tasks", "3", "--steps", "60",
-              "--burn-in", "60", "--batch-size", "16", "--hidden", "8", "--context-hidden", "4", "--history", "3",
+              "--burn-in", "60", "--updates-per-step", "3", "--batch-size", "16", "--hidden", "8", "--context-hidden", "4", "--history", "3",
               "--snap-updates", "2", "--replay-updates", "2", "--test-tasks", "2", "--test-seeds", "2",
               "--episodes", "3", "--threads", "1", "--device", "cpu", "--out", str(out)])
     assert "meta-training: 180 online env steps (3 tasks x 60)" in capsys.readouterr().out
     result = json.load(open(out / "results.json"))
     assert set(evaluate.BASELINE_KEYS) <= set(result) and result["method"] == "MQL"
     assert np.asarray(result["returns"]).shape == (2, 2, 3) and result["k"] == 2
-    assert result["meta_train_env_steps"] == 180 and result["meta_train_updates"] == (60 - 20) * 4  # after burn-in
+    assert result["meta_train_env_steps"] == 180 and result["meta_train_updates"] == (60 - 20) * 3  # after burn-in
     assert "12 TD3 updates" not in result["adaptation"] and "4 TD3 updates" in result["adaptation"]
     assert set(torch.load(out / "meta.pt", weights_only=True)) >= {"encoder", "actor", "critic"}
     evaluate.main([str(out), "--tasks", "2", "--seeds", "2", "--device", "cpu"])
