@@ -59,8 +59,8 @@ import sac
 # Per-env CPU-scale overrides of the paper's defaults, to keep a run near 10 minutes on one (shared) thread:
 # 64-unit nets (as sac.py uses on point_goal) instead of 300; a history of 5 transitions instead of 30 (the
 # GRU dominates the cost, linearly in H; point_goal episodes are 20 steps, and a few (position, reward)
-# pairs locate the goal); lr 1e-3 (TD3's own; MQL's 3e-4 is for millions of updates: at 3,800 updates the
-# training return was -13.8 with 3e-4, -7.9 with 1e-3); 2 updates per vector step of all training tasks;
+# pairs locate the goal); lr 1e-3 (TD3's own; MQL's 3e-4 is for millions of updates: after 1,450 vector
+# steps, 2,700 updates, the training return was -13.9 with 3e-4, -9.3 with 1e-3); 2 updates per vector step;
 # adaptation with 40 instead of 100 replay updates on 1 x 256 instead of 5 x 256 transitions per stream
 # (30 test streams adapt at once, 9 times each on point_goal).
 CPU_SCALE = {
