@@ -1,5 +1,6 @@
 """The test suite: `pytest test_all.py` (a few minutes on 2 CPU cores; tiny sizes, fixed seeds)."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -23,6 +24,7 @@ import envs
 import evaluate
 import hybrid
 import mamba
+import mql
 import ppo
 import rl
 import sac
@@ -1130,3 +1132,143 @@ def test_ad_trains_and_evaluates_a_hybrid(tmp_path):
                    "--out", str(tmp_path / "eval")])
     results = json.load(open(tmp_path / "eval" / "eval.json"))
     assert results["arch"] == "hybrid" and np.asarray(results["returns"]).shape == (2, 1, 4)
+
+
+# ----------------------------------------------------------------------------- MQL
+
+def _mql_args(**overrides):
+    args = mql.parse_args(["--env", "point_goal", "--hidden", "16", "--context-hidden", "4", "--history", "3",
+                           "--device", "cpu"])
+    args.device = "cpu"
+    vars(args).update(overrides)
+    return args
+
+
+def test_mql_propensity_weights_on_separable_data():
+    """Two streams with opposite new tasks: replay points unlike the new task get weight 0, points like it
+    the clipped maximum exp(beta_clip); a half-half replay batch has ESS 1/2, hence lambda = 1/2."""
+    torch.manual_seed(0)
+    left, right = torch.randn(60, 2) * 0.3 - torch.tensor([2.0, 0]), torch.randn(60, 2) * 0.3 + torch.tensor([2.0, 0])
+    w, b = mql.fit_logistic(torch.stack([right, left]), torch.stack([left, right]), C=0.5)
+    replay = torch.cat([torch.randn(40, 2) * 0.3 - torch.tensor([2.0, 0]), torch.randn(40, 2) * 0.3 + torch.tensor([2.0, 0])])
+    beta = mql.propensity(replay.expand(2, -1, -1), w, b, beta_clip=1.0)
+    assert (beta[0, :40] == 0).all() and (beta[1, 40:] == 0).all()  # unlike the stream's new task
+    torch.testing.assert_close(beta[0, 40:], torch.full((40,), math.e))  # like it: clipped at exp(1)
+    torch.testing.assert_close(beta[1, :40], torch.full((40,), math.e))
+    torch.testing.assert_close(mql.effective_sample_size(beta), torch.tensor([0.5, 0.5]))
+    unclipped = mql.propensity(replay.expand(2, -1, -1), w, b, beta_clip=50.0)
+    assert unclipped[0, 40:].min() > 10  # the odds p(new|x) / p(replay|x) of a clearly separable point
+    assert mql.effective_sample_size(torch.ones(1, 8)).item() == pytest.approx(1.0)
+
+
+def test_mql_context_window_is_zero_padded_inside_the_episode():
+    buf = sac.HistoryBuffer(1, 1, 8, 4, 1, 1, "cpu")
+    for t in range(8):  # obs = t, act = -t, rew = 10 t
+        buf.add(torch.full((1, 1, 1), float(t)), torch.full((1, 1, 1), -float(t)), torch.full((1, 1), 10.0 * t),
+                torch.full((1, 1, 1), t + 1.0), torch.zeros(1, 1, 1), torch.zeros(1, 1, 1))
+    obs, act, rew, next_obs, context, next_context = mql.transitions(
+        buf, torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long), torch.tensor([4, 6]), history=3)
+    assert (context[0] == 0).all()  # step 4 starts the second episode: nothing before it counts
+    torch.testing.assert_close(next_context[0], torch.tensor([[0.0, 0, 0], [0, 0, 0], [4, -4, 40]]))
+    torch.testing.assert_close(context[1], torch.tensor([[0.0, 0, 0], [4, -4, 40], [5, -5, 50]]))
+    torch.testing.assert_close(next_context[1], torch.tensor([[4.0, -4, 40], [5, -5, 50], [6, -6, 60]]))
+    assert next_obs[1].item() == 7 and rew[1].item() == 60
+
+
+def test_td3_target_policy_smoothing_clips_the_noise_and_the_action():
+    torch.manual_seed(0)
+    agent = mql.TD3(3, 2, 2, _mql_args(policy_noise=1e6, noise_clip=0.5))  # noise far beyond its clip
+    state = torch.randn(3, 500, 2 + 4) * 3
+    clean = agent.actor_target(state).detach()
+    smoothed = agent.target_action(state)
+    noise = smoothed - clean
+    assert smoothed.abs().max() <= 1 and noise.abs().max() <= 0.5 + 1e-6
+    inside = clean.abs() < 0.5  # there the action bounds cannot bite: the noise is exactly +-clip
+    torch.testing.assert_close(noise[inside].abs(), torch.full_like(noise[inside], 0.5))
+    assert 0.3 < (noise[inside] > 0).float().mean() < 0.7  # both signs
+    gentle = mql.TD3(1, 2, 2, _mql_args(policy_noise=0.01, noise_clip=0.5))
+    d = gentle.target_action(state[:1]) - gentle.actor_target(state[:1])
+    assert 0 < d.abs().max() < 0.1
+
+
+def test_td3_updates_the_actor_and_targets_only_every_dth_step():
+    torch.manual_seed(0)
+    agent = mql.TD3(1, 2, 2, _mql_args(policy_freq=3, batch_size=8))
+    buf = sac.HistoryBuffer(2, 1, 8, 4, 2, 2, "cpu")
+    for _ in range(8):
+        mql.add(buf, torch.randn(2, 1, 2), torch.rand(2, 1, 2) * 2 - 1, torch.randn(2, 1), torch.randn(2, 1, 2))
+
+    def flat(net):
+        return torch.cat([p.detach().flatten() for p in net.parameters()]).clone()
+    changed = []
+    for _ in range(7):
+        before = [flat(n) for n in (agent.actor, agent.critic, agent.encoder, agent.actor_target, agent.critic_target)]
+        agent.update(mql.sample(buf, 1, 8, history=3))
+        after = [flat(n) for n in (agent.actor, agent.critic, agent.encoder, agent.actor_target, agent.critic_target)]
+        changed.append([not torch.equal(x, y) for x, y in zip(before, after)])
+    assert [c[0] for c in changed] == [True, False, False, True, False, False, True]  # actor: updates 0, 3, 6
+    assert all(c[1] and c[2] for c in changed)                                        # critic and GRU: always
+    assert [c[3] for c in changed] == [c[0] for c in changed] == [c[4] for c in changed]  # targets with the actor
+
+
+def test_mql_adaptation_moves_each_copy_from_theta_meta():
+    torch.manual_seed(0)
+    args = _mql_args(batch_size=8, snap_updates=2, replay_updates=2, sample_mult=1)
+    meta = mql.TD3(1, 2, 2, args)
+    replay, new = sac.HistoryBuffer(3, 1, 8, 4, 2, 2, "cpu"), sac.HistoryBuffer(2, 1, 8, 4, 2, 2, "cpu")
+    for buf in (replay, new):
+        for _ in range(4):
+            n = buf.obs.shape[0]
+            mql.add(buf, torch.randn(n, 1, 2), torch.rand(n, 1, 2) * 2 - 1, torch.randn(n, 1), torch.randn(n, 1, 2))
+    theta_meta = [p.detach().clone() for p in meta.actor.parameters()]
+    adapted = mql.adapt(meta, new, replay, args)
+    for p, p0 in zip(adapted.actor.parameters(), theta_meta):
+        assert p.shape[0] == 2 * p0.shape[0]
+        assert not torch.equal(p[:1], p0) and not torch.equal(p[:1], p[1:])  # moved, and each its own way
+    for p, p0 in zip(meta.actor.parameters(), theta_meta):
+        assert torch.equal(p, p0)  # theta_meta itself is left alone
+
+
+def _fake_histories(directory, n_tasks=3):
+    rng = np.random.default_rng(0)
+    tasks = envs.sample_tasks("point_goal", n_tasks)
+    for i in range(n_tasks):
+        envs.save_history(envs.history_path(directory, i), obs=rng.normal(size=(2, 8, 20, 2)),
+                          act=rng.uniform(-1, 1, (2, 8, 20, 2)), rew=-rng.uniform(0, 2, (2, 8, 20)),
+                          task=tasks[i], env="point_goal", algo="sac", seed=0, steps=2 * 8 * 20)
+
+
+def test_mql_tiny_run_writes_results_that_evaluate_scores(tmp_path, capsys):
+    _fake_histories(tmp_path / "data")
+    out = tmp_path / "mql"
+    mql.main(["--env", "point_goal", "--data", str(tmp_path / "data"), "--k", "2", "--tasks", "3", "--steps", "60",
+              "--burn-in", "60", "--updates-per-step", "3", "--batch-size", "16", "--hidden", "8", "--context-hidden", "4", "--history", "3",
+              "--snap-updates", "2", "--replay-updates", "2", "--test-tasks", "2", "--test-seeds", "2",
+              "--episodes", "3", "--threads", "1", "--device", "cpu", "--out", str(out)])
+    assert "meta-training: 180 online env steps (3 tasks x 60)" in capsys.readouterr().out
+    result = json.load(open(out / "results.json"))
+    assert set(evaluate.BASELINE_KEYS) <= set(result) and result["method"] == "MQL"
+    assert np.asarray(result["returns"]).shape == (2, 2, 3) and result["k"] == 2
+    assert result["meta_train_env_steps"] == 180 and result["meta_train_updates"] == (60 - 20) * 3  # after burn-in
+    assert "12 TD3 updates" not in result["adaptation"] and "4 TD3 updates" in result["adaptation"]
+    assert set(torch.load(out / "meta.pt", weights_only=True)) >= {"encoder", "actor", "critic"}
+    evaluate.main([str(out), "--tasks", "2", "--seeds", "2", "--device", "cpu"])
+    s = json.load(open(out / "eval.json"))["summary"]
+    assert s["last5"] == pytest.approx(np.mean(result["returns"]))
+    assert np.isfinite(s["score_last5"])
+
+
+def test_mql_errors_are_one_line(tmp_path, capsys):
+    def error_of(argv):
+        with pytest.raises(SystemExit) as e:
+            mql.main(argv)
+        return str(e.value.code) + capsys.readouterr().err
+    missing = error_of(["--env", "point_goal", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")])
+    assert missing.startswith("error: no learning histories") and "python sac.py --env point_goal" in missing
+    assert "\n" not in missing.strip()
+    assert "invalid choice" in error_of(["--env", "moon_goal"])
+    assert "must be a positive integer" in error_of(["--steps", "0"])
+    _fake_histories(tmp_path / "data", 1)
+    short = error_of(["--data", str(tmp_path / "data"), "--k", "2", "--steps", "5", "--out", str(tmp_path / "o")])
+    assert short.startswith("error: --steps 5 is less than one episode")
+    assert error_of(["--device", "cuda:7"]).startswith("error: --device cuda:7")
