@@ -37,10 +37,10 @@ Defaults follow the reference code's offline configuration (config/alg/standard.
 weight-transform layers with a 100-d latent, batches of 256, 5 tasks per meta-batch, one inner step, inner
 step sizes 1e-3, step-size lr 1e-3, advantage-head weight 0.01, fixed action std 0.2, advantages normalised
 per batch with temperature 1 and weights clipped at 20, gamma 0.99), except, for a CPU run of minutes
-instead of a GPU run of up to 1e6 meta-steps: --iters 3000 and outer lrs 1e-3 (paper: value 1e-5, policy 1e-4;
-at the paper's rates the value function barely leaves its initialisation in 3,000 steps). Observations and
-returns are standardised with dataset statistics (the reference code uses raw ones) so that these rates suit
-every env's reward scale.
+instead of a GPU run of up to 1e6 meta-steps: --iters 1500 (about 0.18 CPU-s each at these sizes) and outer
+lrs 1e-3 (reference: value 1e-5, policy 1e-4; Adam moves a weight by about lr per step, so at 1e-5 a weight
+could move 0.015 in 1,500 steps). Observations and returns are standardised with dataset statistics (the
+reference code uses raw ones) so that these rates suit every env's reward scale.
 """
 import argparse
 import glob
@@ -173,16 +173,16 @@ def adapt(model, batch, args, create_graph=True):
     policy (AWR + advantage head) with advantages from the adapted value. Returns the adapted parameters
     (leading task axis) of both."""
     n = batch["obs"].shape[0]
-    phi = per_task(adapted_parameters(model["value"]), n)
+    phi = per_task(adapted_parameters(model.value), n)
     for _ in range(args.inner_steps):
-        phi = inner_step(phi, value_loss(model["value"], phi, batch), model["value_eta"], create_graph)
+        phi = inner_step(phi, value_loss(model.value, phi, batch), model.value_eta, create_graph)
     with torch.no_grad():  # the policy's losses treat the advantages as data (as AWR does)
-        advantage = batch["ret"] - functional_call(model["value"], phi, (batch["obs"],))
-    theta = per_task(adapted_parameters(model["policy"]), n)
-    head_weight = F.softplus(model["head_weight"])
+        advantage = batch["ret"] - functional_call(model.value, phi, (batch["obs"],))
+    theta = per_task(adapted_parameters(model.policy), n)
+    head_weight = F.softplus(model.head_weight)
     for _ in range(args.inner_steps):
-        loss = policy_loss(model["policy"], theta, batch, advantage, args, head_weight)
-        theta = inner_step(theta, loss, model["policy_eta"], create_graph)
+        loss = policy_loss(model.policy, theta, batch, advantage, args, head_weight)
+        theta = inner_step(theta, loss, model.policy_eta, create_graph)
     return phi, theta
 
 
@@ -191,10 +191,10 @@ def outer_losses(model, support, query, args, create_graph=True):
     query batches, averaged over tasks."""
     phi, theta = adapt(model, support, args, create_graph)
     with torch.no_grad():
-        advantage = query["ret"] - functional_call(model["value"], phi, (query["obs"],))
+        advantage = query["ret"] - functional_call(model.value, phi, (query["obs"],))
     n = query["obs"].shape[0]
-    return (value_loss(model["value"], phi, query) / n,
-            policy_loss(model["policy"], theta, query, advantage, args) / n)
+    return (value_loss(model.value, phi, query) / n,
+            policy_loss(model.policy, theta, query, advantage, args) / n)
 
 
 # ----------------------------------------------------------------------------- data
@@ -244,27 +244,29 @@ def history_tasks(data_dir):
 
 # ----------------------------------------------------------------------------- meta-training
 
-def build_model(obs_dim, act_dim, args):
-    value = ValueFunction(obs_dim, args.hidden, args.depth, args.latent)
-    policy = Policy(obs_dim, act_dim, args.hidden, args.depth, args.latent)
-
-    def step_sizes(net):  # inverse softplus of the initial step size, one per parameter tensor
-        return nn.Parameter(torch.full((len(adapted_parameters(net)),), math.log(math.expm1(args.inner_lr))))
-    return nn.ModuleDict({"value": value, "policy": policy}), nn.ParameterDict({
-        "value_eta": step_sizes(value), "policy_eta": step_sizes(policy),
-        "head_weight": nn.Parameter(torch.tensor(math.log(math.expm1(args.head_weight))))})
+def inverse_softplus(x):
+    return math.log(math.expm1(x))
 
 
-def as_model(nets, meta):
-    return {"value": nets["value"], "policy": nets["policy"], "value_eta": meta["value_eta"].unbind(),
-            "policy_eta": meta["policy_eta"].unbind(), "head_weight": meta["head_weight"]}
+class MACAW(nn.Module):
+    """Everything meta-learned: the value function, the policy with its advantage head, the inner step sizes
+    (softplus(eta), one per adapted tensor) and the advantage head's weight (softplus(head_weight))."""
+
+    def __init__(self, obs_dim, act_dim, args):
+        super().__init__()
+        self.value = ValueFunction(obs_dim, args.hidden, args.depth, args.latent)
+        self.policy = Policy(obs_dim, act_dim, args.hidden, args.depth, args.latent)
+        self.value_eta, self.policy_eta = (
+            nn.Parameter(torch.full((len(adapted_parameters(net)),), inverse_softplus(args.inner_lr)))
+            for net in (self.value, self.policy))
+        self.head_weight = nn.Parameter(torch.tensor(inverse_softplus(args.head_weight)))
 
 
-def meta_train(nets, meta, table, args):
+def meta_train(model, table, args):
     """MACAW Algorithm 1 on the training tasks' transition table; returns the log of outer losses."""
-    value_opt = torch.optim.Adam(nets["value"].parameters(), lr=args.value_lr)
-    policy_opt = torch.optim.Adam(nets["policy"].parameters(), lr=args.policy_lr)
-    meta_opt = torch.optim.Adam(meta.parameters(), lr=args.step_size_lr)
+    value_opt = torch.optim.Adam(model.value.parameters(), lr=args.value_lr)
+    policy_opt = torch.optim.Adam(model.policy.parameters(), lr=args.policy_lr)
+    meta_opt = torch.optim.Adam([model.value_eta, model.policy_eta, model.head_weight], lr=args.step_size_lr)
     generator = torch.Generator().manual_seed(args.seed)
     n_tasks = table["ret"].shape[0]
     log = []
@@ -273,7 +275,7 @@ def meta_train(nets, meta, table, args):
         tasks = torch.randperm(n_tasks, generator=generator)[:args.task_batch]
         support = sample(table, tasks, args.inner_batch, generator)
         query = sample(table, tasks, args.batch_size, generator)
-        v_loss, pi_loss = outer_losses(as_model(nets, meta), support, query, args)
+        v_loss, pi_loss = outer_losses(model, support, query, args)
         if not (torch.isfinite(v_loss) and torch.isfinite(pi_loss)):
             raise FloatingPointError(f"the outer loss became {v_loss.item()}, {pi_loss.item()} at meta-step {it}: "
                                      f"lower the learning rates or check the data")
@@ -284,9 +286,9 @@ def meta_train(nets, meta, table, args):
             opt.step()
         if (it + 1) % args.log_every == 0 or it + 1 == args.iters:
             log.append({"iter": it + 1, "value_loss": v_loss.item(), "policy_loss": pi_loss.item(),
-                        "head_weight": F.softplus(meta["head_weight"]).item(),
-                        "value_eta": F.softplus(meta["value_eta"]).mean().item(),
-                        "policy_eta": F.softplus(meta["policy_eta"]).mean().item()})
+                        "head_weight": F.softplus(model.head_weight).item(),
+                        "value_eta": F.softplus(model.value_eta).mean().item(),
+                        "policy_eta": F.softplus(model.policy_eta).mean().item()})
             bar.set_postfix(v=f"{v_loss.item():.3f}", pi=f"{pi_loss.item():.3f}", refresh=False)
     return log
 
@@ -310,18 +312,17 @@ def rollout(policy, theta, env, tasks, n_seeds, n_episodes, stats, seed):
     return returns
 
 
-def test(nets, meta, test_table, tasks, stats, args, n_episodes):
+def test(model, test_table, tasks, stats, args, n_episodes):
     """On every test task and seed: adapt from --adapt-batch transitions of that task's offline history (a
     fresh sample per seed), then roll out. Also the meta-policy's return before adaptation, for reference."""
-    model = as_model(nets, meta)
     generator = torch.Generator().manual_seed(args.seed)
     index = torch.arange(len(tasks)).repeat_interleave(args.seeds)           # task-major: [task0 x seeds, ...]
     batch = sample(test_table, index, args.adapt_batch, generator)
     _, theta = adapt(model, batch, args, create_graph=False)
     theta = {name: p.detach() for name, p in theta.items()}
-    returns = rollout(nets["policy"], theta, args.env, tasks, args.seeds, n_episodes, stats, args.seed)
-    unadapted = per_task({n: p.detach() for n, p in adapted_parameters(nets["policy"]).items()}, len(index))
-    before = rollout(nets["policy"], unadapted, args.env, tasks, args.seeds, 1, stats, args.seed)
+    returns = rollout(model.policy, theta, args.env, tasks, args.seeds, n_episodes, stats, args.seed)
+    unadapted = per_task({n: p.detach() for n, p in adapted_parameters(model.policy).items()}, len(index))
+    before = rollout(model.policy, unadapted, args.env, tasks, args.seeds, 1, stats, args.seed)
     return returns, float(before.mean())
 
 
@@ -352,24 +353,22 @@ def run(args):
     table = transitions(data, args.gamma)
     stats = data_stats(table)
     obs_dim, act_dim = table["obs"].shape[-1], table["act"].shape[-1]
-    nets, meta = build_model(obs_dim, act_dim, args)
-    nets.to(args.device), meta.to(args.device)
-    n_params = sum(p.numel() for p in nets.parameters())
+    model = MACAW(obs_dim, act_dim, args).to(args.device)
+    n_params = sum(p.numel() for p in model.parameters())
     print(f"MACAW on {args.env}: {table['ret'].shape[0]} training tasks x {table['ret'].shape[1]} transitions "
           f"(every {args.k}th episode of {data_dir}); {n_params:,} parameters; {args.iters} meta-steps of "
           f"{args.task_batch} tasks; device {args.device} -> {out}")
     t0 = time.perf_counter()
-    log = meta_train(nets, meta, standardise(table, stats, args.device), args)
+    log = meta_train(model, standardise(table, stats, args.device), args)
     train_seconds = time.perf_counter() - t0
-    ad.save_atomic({"value": nets["value"].state_dict(), "policy": nets["policy"].state_dict(),
-                    "meta": meta.state_dict(), "stats": stats, "args": vars(args), "obs_dim": obs_dim,
+    ad.save_atomic({"model": model.state_dict(), "stats": stats, "args": vars(args), "obs_dim": obs_dim,
                     "act_dim": act_dim}, os.path.join(out, "ckpt.pt"))
 
     n_episodes = data["obs"].shape[2]  # an AD stream's length in (downsampled) episodes
     test_table = standardise(transitions({key: test_data[key][:args.tasks] for key in ("obs", "act", "rew")},
                                          args.gamma), stats, args.device)
     device_stats = {key: value.to(args.device) for key, value in stats.items()}
-    returns, before = test(nets, meta, test_table, tasks, device_stats, args, n_episodes)
+    returns, before = test(model, test_table, tasks, device_stats, args, n_episodes)
     curve, final = ad.source_curve(data["returns"], args.k)
     adaptation = (f"{args.inner_steps} value + {args.inner_steps} policy gradient step(s) on {args.adapt_batch} "
                   f"offline transitions of the test task ({data['algo']}'s history on it, every {args.k}th "
@@ -396,7 +395,7 @@ def build_parser():
                                                      "(default: data/ENV/ALGO_test, what `sac.py --split test` writes)")
     p.add_argument("--out", default=None, help="run directory (default: out/ENV/macaw)")
     p.add_argument("--k", type=envs.positive_int, default=None, help="keep every k-th episode, as AD (default: ENVS)")
-    p.add_argument("--iters", type=envs.positive_int, default=3000, help="meta-steps (reference code: up to 1e6)")
+    p.add_argument("--iters", type=envs.positive_int, default=1500, help="meta-steps (reference code: up to 1e6)")
     p.add_argument("--task-batch", type=envs.positive_int, default=5, help="tasks per meta-step")
     p.add_argument("--inner-batch", type=envs.positive_int, default=256, help="support transitions per task")
     p.add_argument("--batch-size", type=envs.positive_int, default=256, help="query transitions per task")

@@ -860,20 +860,19 @@ def test_macaw_inner_loop_adapts_and_the_outer_loss_is_second_order():
     MAML's, and the advantage head (weights and lambda) gets one only through the second-order path."""
     args = _tiny_macaw_args()
     torch.manual_seed(0)
-    nets, meta = macaw.build_model(2, 2, args)
-    model = macaw.as_model(nets, meta)
+    model = macaw.MACAW(2, 2, args)
     generator = torch.Generator().manual_seed(0)
     support, query = _tiny_macaw_batch(generator), _tiny_macaw_batch(generator)
     phi, theta = macaw.adapt(model, support, args)
-    for adapted, net in ((phi, nets["value"]), (theta, nets["policy"])):
+    for adapted, net in ((phi, model.value), (theta, model.policy)):
         for name, p in macaw.adapted_parameters(net).items():
             assert adapted[name].shape == (2, *p.shape)
             assert not torch.allclose(adapted[name][0], p) and not torch.allclose(adapted[name][0], adapted[name][1])
 
     def outer_gradients(create_graph):
         v_loss, pi_loss = macaw.outer_losses(model, support, query, args, create_graph)
-        params = [nets["policy"].mean.W_wt, nets["policy"].advantage[0].b_wt, meta["head_weight"],
-                  meta["policy_eta"], nets["value"].net[0].z]
+        params = [model.policy.mean.W_wt, model.policy.advantage[0].b_wt, model.head_weight, model.policy_eta,
+                  model.value.net[0].z]
         return torch.autograd.grad(v_loss + pi_loss, params, allow_unused=True, materialize_grads=True)
     second, first = outer_gradients(True), outer_gradients(False)
     assert not torch.allclose(second[0], first[0])                      # the policy's own weights
@@ -898,7 +897,7 @@ def test_macaw_trains_adapts_rolls_out_and_evaluate_scores_it(tmp_path):
     assert np.asarray(result["returns"]).shape == (2, 2, 3)            # tasks x seeds x (6 episodes / k=2)
     assert "16 offline transitions" in result["adaptation"]
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
-    assert ckpt["policy"]["mean.W_wt"].shape == (4, 9 * 2)
+    assert ckpt["model"]["policy.mean.W_wt"].shape == (4, 9 * 2)
     evaluate.main([str(out), "--tasks", "2", "--seeds", "2", "--device", "cpu"])
     summary = json.load(open(out / "eval.json"))["summary"]
     assert np.isfinite(summary["score_last5"]) and (out / "incontext.png").exists()
