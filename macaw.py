@@ -21,7 +21,8 @@ moves theta by -eta delta, as plain MAML would, and a step on z by -eta delta W_
 preconditioned by a meta-learned matrix, which lets one inner step go where plain gradient steps would
 need many (the paper's ablation loses much without it). The inner loop adapts z and b_wt. (The reference
 code adapts W_wt as well; its gradient is z (x) delta, so that step only adds -eta (z'.z) delta, a rescaled
-b_wt step, at `latent` times the cost: the difference between 1.1 s and 0.1 s a meta-step here.)
+b_wt step, while copying W_wt per task tripled the cost: 1.1 s against 0.37 s a meta-step at the reference
+sizes, measured here.)
 
 Test time: on each unseen test task, one inner step (value, then policy) from a batch of that task's own
 offline data (the source algorithm's learning history on it: `python sac.py --split test`), then the adapted
@@ -33,14 +34,16 @@ from the episodes it plays. Results go to results.json in evaluate.py's baseline
     python macaw.py --env point_goal --test-data out/point_goal_sac_test                 # -> out/point_goal/macaw
     python evaluate.py out/point_goal/macaw
 
-Defaults follow the reference code's offline configuration (config/alg/standard.json: 3 x 100-unit
-weight-transform layers with a 100-d latent, batches of 256, 5 tasks per meta-batch, one inner step, inner
-step sizes 1e-3, step-size lr 1e-3, advantage-head weight 0.01, fixed action std 0.2, advantages normalised
-per batch with temperature 1 and weights clipped at 20, gamma 0.99), except, for a CPU run of minutes
-instead of a GPU run of up to 1e6 meta-steps: --iters 1500 (about 0.18 CPU-s each at these sizes) and outer
-lrs 1e-3 (reference: value 1e-5, policy 1e-4; Adam moves a weight by about lr per step, so at 1e-5 a weight
-could move 0.015 in 1,500 steps). Observations and returns are standardised with dataset statistics (the
-reference code uses raw ones) so that these rates suit every env's reward scale.
+Defaults follow the reference code's offline configuration (config/alg/standard.json: 5 tasks per
+meta-batch, one inner step, inner step sizes 1e-3 learned with lr 1e-3, advantage-head weight 0.01, fixed
+action std 0.2, advantages normalised per batch with temperature 1 and weights clipped at 20, gamma 0.99,
+256 offline transitions to adapt at test time), except where a CPU shared with other jobs needs minutes
+instead of a GPU's hours (the reference code runs up to 1e6 meta-steps):
+  --iters 1000; --hidden 64, --latent 32 and --inner-batch/--batch-size 128 (reference: 3 x 100-unit layers,
+  a 100-d latent, batches of 256: 0.16 CPU-s a meta-step here, against 0.036 s); outer lrs 1e-3
+  (reference: value 1e-5, policy 1e-4; Adam moves a weight by about lr per step, so at 1e-5 a weight could
+  move 0.01 in 1,000 steps). Observations and returns are standardised with dataset statistics (the
+  reference code uses raw ones) so that these rates suit every env's reward scale.
 """
 import argparse
 import glob
@@ -64,7 +67,7 @@ import envs
 # ----------------------------------------------------------------------------- weight-transform networks
 
 class WeightTransformLinear(nn.Module):
-    """A linear layer whose weight and bias are generated from a latent vector: [W | b] = reshape(W_wt z + b_wt)
+    """A linear layer whose weight and bias are generated from a latent vector: [W | b] = reshape(z W_wt + b_wt)
     (MACAW Section 4.3). Its parameters may carry leading axes (one set per task, as the inner loop makes
     them): z [..., latent], W_wt [..., latent, (d_in + 1) d_out], x [..., B, d_in] -> [..., B, d_out]."""
 
@@ -395,19 +398,19 @@ def build_parser():
                                                      "(default: data/ENV/ALGO_test, what `sac.py --split test` writes)")
     p.add_argument("--out", default=None, help="run directory (default: out/ENV/macaw)")
     p.add_argument("--k", type=envs.positive_int, default=None, help="keep every k-th episode, as AD (default: ENVS)")
-    p.add_argument("--iters", type=envs.positive_int, default=1500, help="meta-steps (reference code: up to 1e6)")
+    p.add_argument("--iters", type=envs.positive_int, default=1000, help="meta-steps (reference code: up to 1e6)")
     p.add_argument("--task-batch", type=envs.positive_int, default=5, help="tasks per meta-step")
-    p.add_argument("--inner-batch", type=envs.positive_int, default=256, help="support transitions per task")
-    p.add_argument("--batch-size", type=envs.positive_int, default=256, help="query transitions per task")
+    p.add_argument("--inner-batch", type=envs.positive_int, default=128, help="support transitions per task (reference: 256)")
+    p.add_argument("--batch-size", type=envs.positive_int, default=128, help="query transitions per task (reference: 256)")
     p.add_argument("--inner-steps", type=envs.positive_int, default=1, help="inner gradient steps (train and test)")
     p.add_argument("--inner-lr", type=float, default=1e-3, help="initial inner step size (then learned)")
     p.add_argument("--step-size-lr", type=float, default=1e-3, help="lr of the step sizes and the head weight")
     p.add_argument("--value-lr", type=float, default=1e-3, help="outer value lr (paper: 1e-5, see above)")
     p.add_argument("--policy-lr", type=float, default=1e-3, help="outer policy lr (paper: 1e-4, see above)")
     p.add_argument("--head-weight", type=float, default=0.01, help="initial advantage-head weight lambda (learned)")
-    p.add_argument("--hidden", type=envs.positive_int, default=100, help="units per hidden layer")
+    p.add_argument("--hidden", type=envs.positive_int, default=64, help="units per hidden layer (reference: 100)")
     p.add_argument("--depth", type=envs.positive_int, default=3, help="hidden layers")
-    p.add_argument("--latent", type=envs.positive_int, default=100, help="weight-transform latent size")
+    p.add_argument("--latent", type=envs.positive_int, default=32, help="weight-transform latent size (reference: 100)")
     p.add_argument("--action-std", type=float, default=0.2, help="the policy's fixed std in the AWR likelihood")
     p.add_argument("--temperature", type=float, default=1.0, help="AWR temperature T")
     p.add_argument("--max-weight", type=float, default=20.0, help="AWR weights are clipped at this")

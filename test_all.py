@@ -856,8 +856,9 @@ def test_macaw_monte_carlo_returns():
 
 
 def test_macaw_inner_loop_adapts_and_the_outer_loss_is_second_order():
-    """The inner step changes each task's weights differently; the outer gradient differs from first-order
-    MAML's, and the advantage head (weights and lambda) gets one only through the second-order path."""
+    """The inner step changes each task's weights differently, as if each task were adapted alone; the outer
+    gradient differs from first-order MAML's, and the advantage head (weights and lambda) gets one only
+    through the second-order path."""
     args = _tiny_macaw_args()
     torch.manual_seed(0)
     model = macaw.MACAW(2, 2, args)
@@ -868,6 +869,10 @@ def test_macaw_inner_loop_adapts_and_the_outer_loss_is_second_order():
         for name, p in macaw.adapted_parameters(net).items():
             assert adapted[name].shape == (2, *p.shape)
             assert not torch.allclose(adapted[name][0], p) and not torch.allclose(adapted[name][0], adapted[name][1])
+    alone = macaw.adapt(model, {key: value[1:] for key, value in support.items()}, args)  # task 1 by itself
+    for batched, single in zip((phi, theta), alone):
+        for name in batched:
+            torch.testing.assert_close(batched[name][1], single[name][0])
 
     def outer_gradients(create_graph):
         v_loss, pi_loss = macaw.outer_losses(model, support, query, args, create_graph)
