@@ -37,13 +37,14 @@ from the episodes it plays. Results go to results.json in evaluate.py's baseline
 Defaults follow the reference code's offline configuration (config/alg/standard.json: 5 tasks per
 meta-batch, one inner step, inner step sizes 1e-3 learned with lr 1e-3, advantage-head weight 0.01, fixed
 action std 0.2, advantages normalised per batch with temperature 1 and weights clipped at 20, gamma 0.99,
-256 offline transitions to adapt at test time), except where a CPU shared with other jobs needs minutes
-instead of a GPU's hours (the reference code runs up to 1e6 meta-steps):
-  --iters 1000; --hidden 64, --latent 32 and --inner-batch/--batch-size 128 (reference: 3 x 100-unit layers,
-  a 100-d latent, batches of 256: 0.16 CPU-s a meta-step here, against 0.036 s); outer lrs 1e-3
-  (reference: value 1e-5, policy 1e-4; Adam moves a weight by about lr per step, so at 1e-5 a weight could
-  move 0.01 in 1,000 steps). Observations and returns are standardised with dataset statistics (the
-  reference code uses raw ones) so that these rates suit every env's reward scale.
+256 offline transitions to adapt at test time), except where a CPU needs minutes instead of a GPU's
+hours (the reference code runs up to 1e6 meta-steps):
+  --iters 1000 (0.036 CPU-s each at the sizes below: half a minute on a free core); --hidden 64,
+  --latent 32 and --inner-batch/--batch-size 128 (reference: 3 x 100-unit layers, a 100-d latent, batches
+  of 256: 0.16 CPU-s a meta-step here); outer lrs 1e-3 (reference: value 1e-5, policy 1e-4; Adam moves a
+  weight by about lr per step, so at 1e-5 a weight could move 0.01 in 1,000 steps).
+Observations and returns are standardised with dataset statistics (the reference code uses raw ones) so
+that these rates suit every env's reward scale.
 """
 import argparse
 import glob
@@ -400,8 +401,10 @@ def build_parser():
     p.add_argument("--k", type=envs.positive_int, default=None, help="keep every k-th episode, as AD (default: ENVS)")
     p.add_argument("--iters", type=envs.positive_int, default=1000, help="meta-steps (reference code: up to 1e6)")
     p.add_argument("--task-batch", type=envs.positive_int, default=5, help="tasks per meta-step")
-    p.add_argument("--inner-batch", type=envs.positive_int, default=128, help="support transitions per task (reference: 256)")
-    p.add_argument("--batch-size", type=envs.positive_int, default=128, help="query transitions per task (reference: 256)")
+    p.add_argument("--inner-batch", type=envs.positive_int, default=128,
+                   help="support transitions per task (reference: 256)")
+    p.add_argument("--batch-size", type=envs.positive_int, default=128,
+                   help="query transitions per task (reference: 256)")
     p.add_argument("--inner-steps", type=envs.positive_int, default=1, help="inner gradient steps (train and test)")
     p.add_argument("--inner-lr", type=float, default=1e-3, help="initial inner step size (then learned)")
     p.add_argument("--step-size-lr", type=float, default=1e-3, help="lr of the step sizes and the head weight")
