@@ -1272,3 +1272,109 @@ def test_mql_errors_are_one_line(tmp_path, capsys):
     short = error_of(["--data", str(tmp_path / "data"), "--k", "2", "--steps", "5", "--out", str(tmp_path / "o")])
     assert short.startswith("error: --steps 5 is less than one episode")
     assert error_of(["--device", "cuda:7"]).startswith("error: --device cuda:7")
+
+
+# ----------------------------------------------------------------------------- MACAW
+
+import macaw  # noqa: E402  (this section's own import, kept beside its tests)
+
+
+def _tiny_macaw_args(*extra):
+    return macaw.build_parser().parse_args(["--env", "point_goal", "--hidden", "8", "--depth", "1", "--latent", "4",
+                                            "--inner-lr", "0.1", *extra])
+
+
+def _tiny_macaw_batch(generator, T=2, B=16):
+    return {"obs": torch.randn(T, B, 2, generator=generator), "act": torch.rand(T, B, 2, generator=generator) * 2 - 1,
+            "ret": torch.randn(T, B, generator=generator)}
+
+
+def test_macaw_weight_transform_layer():
+    """[W | b] = reshape(z W_wt + b_wt); parameters with a leading task axis give one layer per task; the
+    gradient w.r.t. W_wt is z (x) dL/db_wt (why the inner loop need not adapt W_wt)."""
+    torch.manual_seed(0)
+    layer = macaw.WeightTransformLinear(3, 5, latent=4)
+    x = torch.randn(7, 3)
+    theta = layer.z @ layer.W_wt + layer.b_wt
+    assert layer(x).shape == (7, 5)
+    torch.testing.assert_close(layer(x), x @ theta[:15].view(3, 5) + theta[15:])
+    params = {name: p.detach() + torch.randn(2, *p.shape) for name, p in layer.named_parameters()}  # 2 "tasks"
+    y = torch.func.functional_call(layer, params, (x.expand(2, 7, 3),))
+    assert y.shape == (2, 7, 5)
+    for i in range(2):
+        torch.testing.assert_close(y[i], torch.func.functional_call(layer, {n: p[i] for n, p in params.items()}, (x,)))
+    layer(x).square().sum().backward()
+    torch.testing.assert_close(layer.W_wt.grad, torch.outer(layer.z.detach(), layer.b_wt.grad))
+
+
+def test_macaw_monte_carlo_returns():
+    rew = np.array([[1.0, 2.0, 4.0], [0.0, 0.0, 1.0]])
+    np.testing.assert_allclose(macaw.monte_carlo_returns(rew, 0.5), [[1 + 1 + 1, 2 + 2, 4], [0.25, 0.5, 1]])
+
+
+def test_macaw_inner_loop_adapts_and_the_outer_loss_is_second_order():
+    """The inner step changes each task's weights differently, as if each task were adapted alone; the outer
+    gradient differs from first-order MAML's, and the advantage head (weights and lambda) gets one only
+    through the second-order path."""
+    args = _tiny_macaw_args()
+    torch.manual_seed(0)
+    model = macaw.MACAW(2, 2, args)
+    generator = torch.Generator().manual_seed(0)
+    support, query = _tiny_macaw_batch(generator), _tiny_macaw_batch(generator)
+    phi, theta = macaw.adapt(model, support, args)
+    for adapted, net in ((phi, model.value), (theta, model.policy)):
+        for name, p in macaw.adapted_parameters(net).items():
+            assert adapted[name].shape == (2, *p.shape)
+            assert not torch.allclose(adapted[name][0], p) and not torch.allclose(adapted[name][0], adapted[name][1])
+    alone = macaw.adapt(model, {key: value[1:] for key, value in support.items()}, args)  # task 1 by itself
+    for batched, single in zip((phi, theta), alone):
+        for name in batched:
+            torch.testing.assert_close(batched[name][1], single[name][0])
+
+    def outer_gradients(create_graph):
+        v_loss, pi_loss = macaw.outer_losses(model, support, query, args, create_graph)
+        params = [model.policy.mean.W_wt, model.policy.advantage[0].b_wt, model.head_weight, model.policy_eta,
+                  model.value.net[0].z]
+        return torch.autograd.grad(v_loss + pi_loss, params, allow_unused=True, materialize_grads=True)
+    second, first = outer_gradients(True), outer_gradients(False)
+    assert not torch.allclose(second[0], first[0])                      # the policy's own weights
+    assert second[1].abs().sum() > 0 and first[1].abs().sum() == 0      # the advantage head
+    assert second[2] != 0 and first[2] == 0                             # its weight lambda
+    assert second[3].abs().sum() > 0                                    # learned inner step sizes
+    assert not torch.allclose(second[4], first[4])                      # the value function
+
+
+def test_macaw_trains_adapts_rolls_out_and_evaluate_scores_it(tmp_path):
+    _write_point_histories(tmp_path / "data", n_tasks=3, E=2, n_ep=6)
+    sac.main(["--env", "point_goal", "--split", "test", "--tasks", "2", "--steps", "200", "--warmup", "100",
+              "--hidden", "8", "--batch-size", "16", "--threads", "1", "--device", "cpu", "--out",
+              str(tmp_path / "test_data")])
+    out = tmp_path / "macaw"
+    macaw.main(["--env", "point_goal", "--data", str(tmp_path / "data"), "--test-data", str(tmp_path / "test_data"),
+                "--out", str(out), "--iters", "3", "--hidden", "8", "--depth", "1", "--latent", "4",
+                "--inner-batch", "16", "--batch-size", "16", "--adapt-batch", "16", "--task-batch", "2",
+                "--tasks", "2", "--seeds", "2", "--k", "2", "--threads", "1", "--device", "cpu"])
+    result = json.load(open(out / "results.json"))
+    assert set(evaluate.BASELINE_KEYS) <= set(result) and result["method"] == "MACAW"
+    assert np.asarray(result["returns"]).shape == (2, 2, 3)            # tasks x seeds x (6 episodes / k=2)
+    assert "16 offline transitions" in result["adaptation"]
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["model"]["policy.mean.W_wt"].shape == (4, 9 * 2)
+    evaluate.main([str(out), "--tasks", "2", "--seeds", "2", "--device", "cpu"])
+    summary = json.load(open(out / "eval.json"))["summary"]
+    assert np.isfinite(summary["score_last5"]) and (out / "incontext.png").exists()
+
+
+def test_macaw_cli_bad_input(tmp_path):
+    def error_of(*argv):
+        with pytest.raises(SystemExit) as e:
+            macaw.main(["--env", "point_goal", "--threads", "1", *argv])
+        return str(e.value.code)
+
+    assert "python sac.py --env point_goal" in error_of("--data", str(tmp_path / "none"))
+    _write_point_histories(tmp_path / "data", n_tasks=2)
+    missing = error_of("--data", str(tmp_path / "data"), "--test-data", str(tmp_path / "none"))
+    assert "no test-task histories" in missing and "--split test" in missing
+    # training-split histories are not the test tasks
+    assert "does not hold the first 2 test tasks" in error_of("--data", str(tmp_path / "data"), "--test-data",
+                                                              str(tmp_path / "data"), "--tasks", "2")
