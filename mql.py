@@ -25,7 +25,7 @@ Evaluation, as evaluate.py's baseline format asks: on each test task x seed, N c
 AD stream length); episode 1 runs theta_meta (its context adapts within the episode); before episode i > 1
 the weights are adapted afresh from theta_meta on the i - 1 episodes collected so far. All test tasks x
 seeds adapt at once: each stream gets its own copy of the nets, built from the project's task-batched
-layers (sac.TaskLinear), so one batched update adapts all of them. Writes `results.json` (evaluate.py
+layers (rl.TaskLinear), so one batched update adapts all of them. Writes `results.json` (evaluate.py
 scores it: `python evaluate.py out/point_goal/mql`) and `meta.pt` (the meta-trained weights).
 
     python mql.py --env point_goal --seed 0 --threads 1          # -> out/point_goal/mql/results.json
@@ -53,6 +53,7 @@ from tqdm import tqdm
 
 import ad
 import envs
+import rl
 import sac
 
 # Per-env CPU-scale overrides of the paper's defaults, to keep a run near 10 minutes on one (shared) thread:
@@ -71,13 +72,13 @@ CPU_SCALE = {
 
 class ContextGRU(nn.Module):
     """n independent GRUs (PyTorch's gate equations) over a window of transitions:
-    x [n, B, H, d_in] -> the final hidden state z [n, B, d_hidden]. Task-batched (sac.TaskLinear), so the
+    x [n, B, H, d_in] -> the final hidden state z [n, B, d_hidden]. Task-batched (rl.TaskLinear), so the
     copies adapted on different test tasks run as one."""
 
     def __init__(self, n, d_in, d_hidden):
         super().__init__()
-        self.input_gates = sac.TaskLinear(n, d_in, 3 * d_hidden)
-        self.hidden_gates = sac.TaskLinear(n, d_hidden, 3 * d_hidden)
+        self.input_gates = rl.TaskLinear(n, d_in, 3 * d_hidden)
+        self.hidden_gates = rl.TaskLinear(n, d_hidden, 3 * d_hidden)
         self.d_hidden = d_hidden
 
     def forward(self, x):
@@ -110,7 +111,7 @@ class TD3:
         self.args = args
         state_dim = obs_dim + args.context_hidden
         self.encoder = ContextGRU(n, obs_dim + act_dim + 1, args.context_hidden).to(args.device)
-        self.actor = nn.Sequential(sac.task_mlp(n, state_dim, args.hidden, act_dim), nn.Tanh()).to(args.device)
+        self.actor = nn.Sequential(rl.task_mlp(n, state_dim, args.hidden, act_dim), nn.Tanh()).to(args.device)
         self.critic = sac.TwinQ(n, state_dim, act_dim, args.hidden).to(args.device)
         for name in NETS:
             target = copy.deepcopy(getattr(self, name)).requires_grad_(False)
@@ -195,7 +196,7 @@ class TD3:
 # ----------------------------------------------------------------------------- transitions and contexts
 
 def window(buf, task, env, start, end, history):
-    """The `history` transitions (obs, act, rew) of steps [end - history, end) of a sac.HistoryBuffer,
+    """The `history` transitions (obs, act, rew) of steps [end - history, end) of a rl.HistoryBuffer,
     zero where a step lies before `start`, the first step of its episode: [..., history, obs + act + 1].
     The index tensors (task, env, start, end) broadcast."""
     steps = end[..., None] - history + torch.arange(history, device=end.device)
@@ -235,7 +236,7 @@ def meta_train(args, tasks):
     T, E, H = vec.n_tasks, vec.n_envs, args.history
     n_steps = args.steps // (E * vec.horizon) * vec.horizon
     agent = TD3(1, vec.obs_dim, vec.act_dim, args)
-    buf = sac.HistoryBuffer(T, E, n_steps, vec.horizon, vec.obs_dim, vec.act_dim, args.device)
+    buf = rl.HistoryBuffer(T, E, n_steps, vec.horizon, vec.obs_dim, vec.act_dim, args.device)
     task = torch.arange(T, device=args.device)[:, None].expand(T, E)
     env = torch.arange(E, device=args.device)[None].expand(T, E)
     burn_in = math.ceil(args.burn_in / (T * E))  # MQL's burn-in counts random steps over all tasks
@@ -329,7 +330,7 @@ def evaluate(meta, replay, args, tasks):
     nets are adapted afresh from theta_meta on the i - 1 episodes so far. -> returns [tasks, seeds, N]."""
     vec = envs.MultiTaskVecEnv(args.env, tasks, args.test_seeds, seed=args.test_seed)
     S, H, device = vec.n_tasks * vec.n_envs, args.history, args.device
-    new_buf = sac.HistoryBuffer(S, 1, args.episodes * vec.horizon, vec.horizon, vec.obs_dim, vec.act_dim, device)
+    new_buf = rl.HistoryBuffer(S, 1, args.episodes * vec.horizon, vec.horizon, vec.obs_dim, vec.act_dim, device)
     stream, env0 = torch.arange(S, device=device)[:, None], torch.zeros(S, 1, dtype=torch.long, device=device)
     agent = meta.copies(S)
     for episode in tqdm(range(args.episodes), desc="test tasks", unit="episode", dynamic_ncols=True):

@@ -1162,7 +1162,7 @@ def test_mql_propensity_weights_on_separable_data():
 
 
 def test_mql_context_window_is_zero_padded_inside_the_episode():
-    buf = sac.HistoryBuffer(1, 1, 8, 4, 1, 1, "cpu")
+    buf = rl.HistoryBuffer(1, 1, 8, 4, 1, 1, "cpu")
     for t in range(8):  # obs = t, act = -t, rew = 10 t
         buf.add(torch.full((1, 1, 1), float(t)), torch.full((1, 1, 1), -float(t)), torch.full((1, 1), 10.0 * t),
                 torch.full((1, 1, 1), t + 1.0), torch.zeros(1, 1, 1), torch.zeros(1, 1, 1))
@@ -1194,7 +1194,7 @@ def test_td3_target_policy_smoothing_clips_the_noise_and_the_action():
 def test_td3_updates_the_actor_and_targets_only_every_dth_step():
     torch.manual_seed(0)
     agent = mql.TD3(1, 2, 2, _mql_args(policy_freq=3, batch_size=8))
-    buf = sac.HistoryBuffer(2, 1, 8, 4, 2, 2, "cpu")
+    buf = rl.HistoryBuffer(2, 1, 8, 4, 2, 2, "cpu")
     for _ in range(8):
         mql.add(buf, torch.randn(2, 1, 2), torch.rand(2, 1, 2) * 2 - 1, torch.randn(2, 1), torch.randn(2, 1, 2))
 
@@ -1215,7 +1215,7 @@ def test_mql_adaptation_moves_each_copy_from_theta_meta():
     torch.manual_seed(0)
     args = _mql_args(batch_size=8, snap_updates=2, replay_updates=2, sample_mult=1)
     meta = mql.TD3(1, 2, 2, args)
-    replay, new = sac.HistoryBuffer(3, 1, 8, 4, 2, 2, "cpu"), sac.HistoryBuffer(2, 1, 8, 4, 2, 2, "cpu")
+    replay, new = rl.HistoryBuffer(3, 1, 8, 4, 2, 2, "cpu"), rl.HistoryBuffer(2, 1, 8, 4, 2, 2, "cpu")
     for buf in (replay, new):
         for _ in range(4):
             n = buf.obs.shape[0]
