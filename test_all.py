@@ -711,6 +711,23 @@ def test_evaluate_scores_a_baseline_results_file(tmp_path, capsys):
     assert "not run on the test tasks" in str(e.value.code)
 
 
+SHIPPED = sorted(os.path.relpath(os.path.dirname(p), HERE)
+                 for p in glob.glob(os.path.join(HERE, "checkpoints", "*", "*", "ckpt.pt")))
+
+
+@pytest.mark.parametrize("directory", SHIPPED)
+def test_shipped_checkpoints_load_safely_and_evaluate(directory, tmp_path):
+    """Every checkpoint under checkpoints/ loads with weights_only=True (tensors and plain types only) and
+    plays a couple of unseen test tasks in context, with no data and no training."""
+    assert os.path.getsize(os.path.join(HERE, directory, "ckpt.pt")) < 2 * 2 ** 20
+    evaluate.main([os.path.join(HERE, directory), "--tasks", "2", "--seeds", "1", "--episodes", "3", "--device", "cpu",
+                   "--out", str(tmp_path)])
+    result = json.load(open(tmp_path / "eval.json"))
+    returns = np.asarray(result["returns"])
+    assert returns.shape == (2, 1, 3) and np.isfinite(returns).all()
+    assert result["env"] == directory.split(os.sep)[1] and result["arch"] == directory.split(os.sep)[2]
+
+
 def test_ad_errors_are_one_line(tmp_path, capsys):
     def error_of(argv):
         with pytest.raises(SystemExit) as e:
