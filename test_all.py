@@ -1,4 +1,5 @@
 """The test suite: `pytest test_all.py` (a few minutes on 2 CPU cores; tiny sizes, fixed seeds)."""
+import glob
 import json
 import math
 import os
