@@ -332,6 +332,17 @@ def test(model, test_table, tasks, stats, args, n_episodes):
 
 # ----------------------------------------------------------------------------- command line
 
+def load_test_histories(test_dir, tasks, algo, args):
+    """The source algorithm's histories on the test tasks (what MACAW adapts from), checked to be those tasks."""
+    make = f"python {algo}.py --env {args.env} --split test --tasks {len(tasks)} --out {test_dir}"
+    if not os.path.isdir(test_dir):
+        raise ad.DataError(f"no test-task histories at {test_dir}: make them with `{make}`")
+    found = history_tasks(test_dir)
+    if len(found) < len(tasks) or not np.allclose(found[:len(tasks)], tasks):
+        raise ad.DataError(f"{test_dir} does not hold the first {len(tasks)} test tasks: make them with `{make}`")
+    return ad.load_histories(test_dir, args.env, args.k)
+
+
 def run(args):
     settings = envs.env_settings(args.env)
     data_dir = args.data or os.path.join("data", args.env, settings.algo)
@@ -341,16 +352,7 @@ def run(args):
     torch.manual_seed(args.seed)
     data = ad.load_histories(data_dir, args.env, args.k)
     tasks = envs.sample_tasks(args.env, args.tasks, "test", seed=0)  # evaluate.py's test tasks
-    make_test = (f"python {data['algo']}.py --env {args.env} --split test --tasks {args.tasks} "
-                 f"--out {test_dir}")
-    if not os.path.isdir(test_dir):
-        raise ad.DataError(f"no test-task histories at {test_dir}: make them with `{make_test}`")
-    test_tasks = history_tasks(test_dir)
-    if len(test_tasks) < args.tasks or not np.allclose(test_tasks[:args.tasks], tasks):
-        raise ad.DataError(f"{test_dir} does not hold the first {args.tasks} test tasks: make them with `{make_test}`")
-    test_data = ad.load_histories(test_dir, args.env, args.k)
-    if test_data["obs"].shape[-1] != data["obs"].shape[-1] or test_data["act"].shape[-1] != data["act"].shape[-1]:
-        raise ad.DataError(f"{test_dir} holds histories of another env than {data_dir}")
+    test_data = load_test_histories(test_dir, tasks, data["algo"], args)
     out = args.out or os.path.join("out", args.env, "macaw")
     os.makedirs(out, exist_ok=True)
 
@@ -382,8 +384,9 @@ def run(args):
               "seeds": args.seeds, "returns": returns.tolist(), "source_final": final, "source_curve": curve,
               "algo": data["algo"], "k": args.k, "adaptation": adaptation, "return_before_adaptation": before,
               "train_seconds": train_seconds, "log": log, "args": vars(args)}
-    with open(os.path.join(out, "results.json"), "w") as f:
+    with open(os.path.join(out, "results.json.tmp"), "w") as f:
         json.dump(result, f)
+    os.replace(os.path.join(out, "results.json.tmp"), os.path.join(out, "results.json"))  # never half a file
     print(f"meta-trained in {train_seconds:.0f} s; on {args.tasks} test tasks x {args.seeds} seeds: return "
           f"{before:.2f} before adaptation, {returns.mean():.2f} after ({data['algo']} final {final:.2f}); "
           f"score with `python evaluate.py {out}`")
