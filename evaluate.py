@@ -316,7 +316,7 @@ def main(argv=None):
     for result, directory in zip(results, args.checkpoints):
         s = result["summary"]
         print(f"{os.path.normpath(directory)}: {label(result)}, seed {result['train_seed']}, on "
-              f"{len(result['tasks'])} test tasks x {args.seeds} seeds, actions {args.act}: first episode "
+              f"{len(result['tasks'])} test tasks x {args.seeds} seeds, actions {'its own' if 'method' in result else args.act}: first episode "
               f"{s['first_episode']:.2f} -> last 5 {s['last5']:.2f}; strict score {s['score_last5']:.2f} "
               f"(zero action {s['zero_action']:.2f}, random {s['random_policy']:.2f}: the better = 0; "
               f"{result['algo']} final {s['source_final']:.2f} = 1), vs random {s['score_last5_vs_random']:.2f}")
