@@ -246,7 +246,8 @@ def animate(result, behaviour, gif_path, max_frames=240):
     ax.set(xticks=[], yticks=[])  # ticks would take most of each frame's drawing time
     draw_goal(ax, kind, goal, where[0, 0], max(1.0, np.abs(where - where[0, 0]).max()))
     lines = [draw_path(ax, kind, where[e, :1], color="C0", lw=1.5) for e in range(n_episodes)]
-    fig.tight_layout()
+    title = ax.set_title(" ", fontsize=9)
+    fig.tight_layout()  # with room for the title
 
     def draw(frame):
         e, t = frame
@@ -254,7 +255,7 @@ def animate(result, behaviour, gif_path, max_frames=240):
             lines[past].set(color="grey", alpha=0.2 + 0.5 * past / n_episodes, lw=1)
         trace = where[e, :t + 1]
         lines[e].set_data(*(trace.T if kind != "speed" else (np.arange(t + 1), trace[:, 0])))
-        ax.set_title(f"{result['env']}: in-context episode {e + 1} of {n_episodes}", fontsize=9)
+        title.set_text(f"{result['env']}: in-context episode {e + 1} of {n_episodes}")
 
     FuncAnimation(fig, draw, frames=frames).save(gif_path, writer=PillowWriter(fps=12), dpi=70)
     plt.close(fig)
