@@ -141,26 +141,23 @@ class PPO(nn.Module):
         """One PPO update from a rollout: tensors [T, E, L, ...]; episode_end [L] (bool). old_log_prob is
         log pi_old(u|s) as computed when acting: the observation statistics move below, so recomputing it
         now would give another policy than the one that drew the actions."""
-        with envs.autocast(self.log_std.device, self.bf16):
-            self._update(obs, raw_act, old_log_prob, rew, next_obs, episode_end)
-
-    def _update(self, obs, raw_act, old_log_prob, rew, next_obs, episode_end):
-        T, E, L = rew.shape
-        obs, raw_act, next_obs = obs.flatten(1, 2), raw_act.flatten(1, 2), next_obs.flatten(1, 2)  # [T, E L, .]
-        old_log_prob = old_log_prob.flatten(1, 2)
-        self.obs_norm.update(obs)
-        if self.return_norm is not None:
-            rew = self.scale_rewards(rew, episode_end)
-        with torch.no_grad():  # the values before any step on this rollout
-            value, next_value = self.value(obs).view(T, E, L), self.value(next_obs).view(T, E, L)
-            adv = gae(rew, value, next_value, episode_end, self.gamma, self.gae_lambda)
-            ret, adv = (adv + value).flatten(1), adv.flatten(1)
-        n, task = adv.shape[1], torch.arange(T, device=adv.device)[:, None]
-        for _ in range(self.epochs):
-            order = torch.rand(T, n, device=adv.device).argsort(1)  # each task shuffles its own rollout
-            for start in range(0, n, self.batch_size):
-                i = order[:, start:start + self.batch_size]
-                self.step(obs[task, i], raw_act[task, i], old_log_prob[task, i], adv[task, i], ret[task, i])
+        with envs.autocast(self.log_std.device, self.bf16):  # bf16 matmuls when asked
+            T, E, L = rew.shape
+            obs, raw_act, next_obs = obs.flatten(1, 2), raw_act.flatten(1, 2), next_obs.flatten(1, 2)  # [T, E L, .]
+            old_log_prob = old_log_prob.flatten(1, 2)
+            self.obs_norm.update(obs)
+            if self.return_norm is not None:
+                rew = self.scale_rewards(rew, episode_end)
+            with torch.no_grad():  # the values before any step on this rollout
+                value, next_value = self.value(obs).view(T, E, L), self.value(next_obs).view(T, E, L)
+                adv = gae(rew, value, next_value, episode_end, self.gamma, self.gae_lambda)
+                ret, adv = (adv + value).flatten(1), adv.flatten(1)
+            n, task = adv.shape[1], torch.arange(T, device=adv.device)[:, None]
+            for _ in range(self.epochs):
+                order = torch.rand(T, n, device=adv.device).argsort(1)  # each task shuffles its own rollout
+                for start in range(0, n, self.batch_size):
+                    i = order[:, start:start + self.batch_size]
+                    self.step(obs[task, i], raw_act[task, i], old_log_prob[task, i], adv[task, i], ret[task, i])
 
     def scale_rewards(self, rew, episode_end):
         """rew [T, E, L] / the running std of the discounted return, clipped to [-10, 10] (SB3's defaults)."""
