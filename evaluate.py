@@ -122,8 +122,9 @@ def label(result):
     context = f"{result['stream_tokens']} tokens (full streams)" if full else f"{result['context']} tokens"
     if not full and result["rollout_window"] is None:
         context += ", rolled out unbounded"
-    return (f"AD-{result['arch']} {config['d_model']}x{config['n_layer']} ({result['params'] / 1e3:.0f}k params), "
-            f"context {context}")
+    ablation = ", no valuable sub-goals" if config.get("valuable_subgoals") is False else ""  # DM-H's ablation
+    return (f"AD-{result['arch']} {config['d_model']}x{config['n_layer']} ({result['params'] / 1e3:.0f}k params)"
+            f"{ablation}, context {context}")
 
 
 def group_runs(results):

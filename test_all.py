@@ -1146,10 +1146,12 @@ def test_ad_trains_and_evaluates_a_hybrid(tmp_path):
     torch.testing.assert_close(trained.goal_weight, fresh.goal_weight, rtol=0, atol=0)   # frozen
     assert not torch.equal(trained.transformer.embed.weight, fresh.transformer.embed.weight)  # trained
     assert not torch.load(tmp_path / "abl" / "ckpt.pt", weights_only=True)["model_config"]["valuable_subgoals"]
-    evaluate.main([str(tmp_path / "run"), "--tasks", "2", "--seeds", "1", "--episodes", "4", "--device", "cpu",
-                   "--out", str(tmp_path / "eval")])
+    evaluate.main([str(tmp_path / "run"), str(tmp_path / "abl"), "--tasks", "2", "--seeds", "1", "--episodes", "4",
+                   "--device", "cpu", "--out", str(tmp_path / "eval")])  # same seed: two groups, not two seeds
     results = json.load(open(tmp_path / "eval" / "eval.json"))
-    assert results["arch"] == "hybrid" and np.asarray(results["returns"]).shape == (2, 1, 4)
+    assert [r["arch"] for r in results] == ["hybrid", "hybrid"]
+    assert np.asarray(results[0]["returns"]).shape == (2, 1, 4)
+    assert "no valuable sub-goals" in (tmp_path / "eval" / "scores.md").read_text()
 
 
 # ----------------------------------------------------------------------------- MQL
