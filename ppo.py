@@ -26,6 +26,8 @@ Defaults follow Appendix A (SB3-style: 5 envs, 500 steps per env per rollout, 10
 lr 1e-4, gamma 0.99, lambda 0.95, clip 0.2, value coef 0.5, entropy coef 5e-3; SB3's 2 x 64 tanh
 units and gradient clip 0.5), with the per-env overrides of envs.ENVS.
 """
+import argparse
+
 import torch
 import torch.nn as nn
 from torch.distributions import Normal
@@ -233,9 +235,9 @@ def build_parser():
     p.add_argument("--ent-coef", type=float, default=5e-3, help="weight of the entropy bonus")
     p.add_argument("--max-grad-norm", type=float, default=0.5, help="gradient clipping, per task")
     p.add_argument("--hidden", type=envs.positive_int, default=64, help="units in each of the 2 hidden layers")
-    p.add_argument("--norm-reward", action="store_true",
+    p.add_argument("--norm-reward", action=argparse.BooleanOptionalAction, default=False,
                    help="scale each task's rewards by the running std of its discounted return (SB3 "
-                        "VecNormalize); the history keeps the true rewards")
+                        "VecNormalize); the history keeps the true rewards (on for pusher_goal: envs.ENVS)")
     return p
 
 
