@@ -459,7 +459,7 @@ RUN_KEYS = ("env", "algo", "data", "k", "loss", "context")  # what a --resume mu
 
 def train(args):
     """Train AD; under torchrun, with DistributedDataParallel (gloo on CPU, NCCL on CUDA): every process
-    holds the training streams (CPU-scale and paper-scale data sets fit: about 0.2 GB for Pusher's) and
+    holds the training streams (they fit: about 0.2 GB for Pusher's paper-scale data by our count, not measured) and
     trains on its slice of each global batch; rank 0 alone validates and writes checkpoints."""
     rank, world = envs.dist_env()
     if world > 1:
