@@ -237,10 +237,10 @@ def training_loss(model, tokens, targets, loss):
     return 0.5 * (value + action_loss(model(tokens, subgoals=targets["subgoal"]).float(), targets, loss))
 
 
-def choose_action(out, loss, act, generator=None):
-    """The rollout's action in [-1, 1]: the mean, or a sample of the Gaussian head (act="sample")."""
+def choose_action(out, loss, action_mode, generator=None):
+    """The rollout's action in [-1, 1]: the mean, or a sample of the Gaussian head (action_mode="sample")."""
     mean, log_std = policy_head(out, loss)
-    if act == "sample" and log_std is not None:
+    if action_mode == "sample" and log_std is not None:
         noise = torch.randn(mean.shape, generator=generator, device=mean.device)
         mean = mean + log_std.exp() * noise
     return mean.clamp(-1, 1)
@@ -279,7 +279,7 @@ def rollout_window(meta, bounded=True):
 
 
 @torch.no_grad()
-def rollout(model, meta, tasks, n_episodes, n_seeds=1, act="mean", seed=0, device="cpu", desc=None, window=None,
+def rollout(model, meta, tasks, n_episodes, n_seeds=1, action_mode="mean", seed=0, device="cpu", desc=None, window=None,
             record=False):
     """In-context RL on `tasks`: n_seeds copies of each task play n_episodes consecutive episodes while the
     model's recurrent state (the context) persists across them; no gradient step. All tasks and seeds go
@@ -303,7 +303,7 @@ def rollout(model, meta, tasks, n_episodes, n_seeds=1, act="mean", seed=0, devic
         for t in range(vec.horizon):
             first = torch.full((n,), float(t == 0), device=device)
             out, state = model.step(make_token(obs, prev_act, prev_rew, first, stats), state)
-            prev_act = choose_action(out, meta["loss"], act, generator)
+            prev_act = choose_action(out, meta["loss"], action_mode, generator)
             next_obs, rew, _ = vec.step(prev_act.reshape(vec.n_tasks, vec.n_envs, -1).cpu().numpy())
             returns[:, :, episode] += rew
             obs = torch.as_tensor(next_obs, device=device).reshape(n, -1)
@@ -519,7 +519,7 @@ def train(args):
         bar.set_postfix(loss=f"{loss.item():.4f}", best=f"{best:.2f}", refresh=False)
         if ((it + 1) % args.eval_every == 0 or it + 1 == total) and rank == 0:
             model.eval()
-            returns = rollout(model, meta, val_tasks, meta["episodes"], n_seeds=args.val_seeds, act=args.act,
+            returns = rollout(model, meta, val_tasks, meta["episodes"], n_seeds=args.val_seeds, action_mode=args.action_mode,
                               seed=args.seed, device=args.device, window=rollout_window(meta))
             model.train()
             score = float(normalised(returns[:, :, -5:].mean(), floor, meta["source_final"]))
@@ -617,7 +617,7 @@ def build_parser():
     p.add_argument("--eval-every", type=envs.positive_int, default=200, help="updates between validation rollouts")
     p.add_argument("--val-tasks", type=envs.positive_int, default=10, help="validation tasks (split 'val')")
     p.add_argument("--val-seeds", type=envs.positive_int, default=3, help="rollouts per validation task")
-    p.add_argument("--act", default="sample", choices=("mean", "sample"), help="validation rollout actions")
+    p.add_argument("--action-mode", default="sample", choices=("mean", "sample"), help="validation rollout actions")
     p.add_argument("--seed", type=int, default=0, help="training seed")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--threads", type=envs.positive_int, default=None, help="torch CPU threads; None: torch's")

@@ -29,7 +29,7 @@ shaded by the spread across seeds (a group of one run: the spread across tasks).
 scores (mean and std over seeds, every seed's score) is printed and written to scores.md.
 
     python evaluate.py                                    # out/reacher_goal/mamba
-    python evaluate.py out/point_goal/mamba --act mean
+    python evaluate.py out/point_goal/mamba --action-mode mean
     python evaluate.py out/a out/b --out out/compare      # several checkpoints -> one comparison plot
 """
 import argparse
@@ -75,7 +75,7 @@ def evaluate(directory, args):
     tasks = envs.sample_tasks(meta["env"], args.tasks, "test", seed=args.seed)
     n_episodes = args.episodes or meta["episodes"]
     window = ad.rollout_window(meta, bounded=not args.unbounded_context)
-    returns, where, goal = ad.rollout(model, meta, tasks, n_episodes, n_seeds=args.seeds, act=args.act,
+    returns, where, goal = ad.rollout(model, meta, tasks, n_episodes, n_seeds=args.seeds, action_mode=args.action_mode,
                                       seed=args.seed, device=args.device, window=window, record=True,
                                       desc=os.path.basename(os.path.normpath(directory)))
     summary = summarise(returns, meta["env"], tasks, meta["source_final"])
@@ -86,7 +86,7 @@ def evaluate(directory, args):
             "train_seed": ckpt["args"]["seed"], "trained_updates": ckpt["iter"], "algo": meta["algo"],
             "k": meta["k"], "context": meta["context"], "stream_tokens": meta["episodes"] * meta["horizon"],
             "rollout_window": window,
-            "loss": meta["loss"], "act": args.act,
+            "loss": meta["loss"], "action_mode": args.action_mode,
             "seeds": args.seeds, "tasks": tasks.tolist(), "returns": returns.tolist(),
             "source_curve": meta["source_curve"], "summary": summary}, behaviour
 
@@ -271,7 +271,7 @@ def build_parser():
     p.add_argument("--seeds", type=envs.positive_int, default=3, help="rollouts per task")
     p.add_argument("--episodes", type=envs.positive_int, default=None,
                    help="consecutive episodes; None: a training stream's length")
-    p.add_argument("--act", default="sample", choices=("mean", "sample"),
+    p.add_argument("--action-mode", default="sample", choices=("mean", "sample"),
                    help="actions: the Gaussian head's mean or a sample of it (mse checkpoints: always the mean)")
     p.add_argument("--unbounded-context", action="store_true",
                    help="let a model trained on N-token windows see the whole rollout (Mamba's state keeps "
@@ -318,7 +318,7 @@ def main(argv=None):
     for result, directory in zip(results, args.checkpoints):
         s = result["summary"]
         print(f"{os.path.normpath(directory)}: {label(result)}, seed {result['train_seed']}, on "
-              f"{len(result['tasks'])} test tasks x {args.seeds} seeds, actions {'its own' if 'method' in result else args.act}: first episode "
+              f"{len(result['tasks'])} test tasks x {args.seeds} seeds, actions {'its own' if 'method' in result else args.action_mode}: first episode "
               f"{s['first_episode']:.2f} -> last 5 {s['last5']:.2f}; strict score {s['score_last5']:.2f} "
               f"(zero action {s['zero_action']:.2f}, random {s['random_policy']:.2f}: the better = 0; "
               f"{result['algo']} final {s['source_final']:.2f} = 1), vs random {s['score_last5_vs_random']:.2f}")

@@ -23,7 +23,7 @@ a sub-goal and Mamba is pushed to emit sub-goals the transformer can use. The pa
 Gaussian; here z is deterministic, like every other output of the project's models.
 
 Interface as mamba.Mamba's and transformer.Transformer's:
-  forward(x [B, T, d_in], subgoals=None) -> [B, T, d_out]       training (T need not be a multiple of c)
+  forward(x [B, L, d_in], subgoals=None) -> [B, L, d_out]       training (L need not be a multiple of c)
   init_state(batch) / step(x_t [B, d_in], state)                 rollouts: Mamba's state, z, a local KV cache
 
     python -c "import hybrid, torch; print(hybrid.Hybrid(6, 4, 32, 2, 2, segment=5)(torch.randn(1, 12, 6)).shape)"
@@ -75,16 +75,16 @@ class Hybrid(nn.Module):
         self.register_buffer("goal_bias", goal.bias.detach())
 
     def subgoals(self, x):
-        """z_j for every segment j of x [B, T, d_in] -> [B, ceil(T / c), d_model], from segments < j."""
-        B, T, _ = x.shape
-        n_seg = math.ceil(T / self.segment)
+        """z_j for every segment j of x [B, L, d_in] -> [B, ceil(L / c), d_model], from segments < j."""
+        B, L, _ = x.shape
+        n_seg = math.ceil(L / self.segment)
         whole = x[:, :(n_seg - 1) * self.segment].reshape(B, n_seg - 1, self.segment * self.d_in)
         return self.mamba(torch.cat([whole.new_zeros(B, 1, whole.shape[-1]), whole], dim=1))
 
     def forward(self, x, subgoals=None):
-        """x [B, T, d_in] -> [B, T, d_out]; output t depends on tokens 0..t only. With subgoals [B, T, d_goal]
+        """x [B, L, d_in] -> [B, L, d_out]; output t depends on tokens 0..t only. With subgoals [B, L, d_goal]
         (the valuable sub-goal of each step), segment j is conditioned on W subgoals[:, jc] instead of z_j."""
-        B, T, _ = x.shape
+        B, L, _ = x.shape
         c = self.segment
         if subgoals is None:
             z = self.subgoals(x)
@@ -92,11 +92,11 @@ class Hybrid(nn.Module):
             z = F.linear(subgoals[:, ::c], self.goal_weight, self.goal_bias)
         n_seg = z.shape[1]
         # the segments side by side in the batch, the last one padded (its padding follows every real token)
-        local = F.pad(x, (0, 0, 0, n_seg * c - T)).reshape(B * n_seg, c, self.d_in)
+        local = F.pad(x, (0, 0, 0, n_seg * c - L)).reshape(B * n_seg, c, self.d_in)
         z = z.reshape(B * n_seg, 1, self.d_model)
         tokens = torch.cat([F.pad(z, (self.d_in, 0)), F.pad(local, (0, self.d_model))], dim=1)
         y = self.transformer(tokens)[:, 1:]                               # the outputs at the x tokens
-        return y.reshape(B, n_seg * c, -1)[:, :T]
+        return y.reshape(B, n_seg * c, -1)[:, :L]
 
     def init_state(self, batch, device=None):
         """Mamba's state, the tokens of the segment under way (Mamba reads them when it ends), the local KV

@@ -197,7 +197,7 @@ class Mamba(nn.Module):
                 layer.mixer.out_proj.weight /= math.sqrt(n_layer)
 
     def forward(self, x, backend="auto"):
-        """x [batch, T, d_in] -> [batch, T, d_out]."""
+        """x [batch, L, d_in] -> [batch, L, d_out]."""
         h = self.embed(x)
         for layer in self.layers:
             h = layer(h, backend=backend)

@@ -810,14 +810,18 @@ def test_sliding_context_bounds_any_model_to_its_training_window():
             assert not torch.allclose(outputs["bounded"][:, 20:], outputs["own"][:, 20:])
 
 
-def test_ddp_two_processes_equal_one_process_with_the_global_batch(tmp_path):
+@pytest.mark.parametrize("arch", ["mamba", "hybrid"])
+def test_ddp_two_processes_equal_one_process_with_the_global_batch(tmp_path, arch):
     """torchrun, 2 processes (gloo) with 2 samples each vs one process with 4: after a few updates the
     parameters agree to float tolerance (the global batch and its noise are the same draws), and the
-    checkpoint records the world size, which --resume then requires."""
+    checkpoint records the world size, which --resume then requires. DM-H with valuable sub-goals calls
+    the DDP module twice before one backward: its gradient must still be the one process's."""
     _write_point_histories(tmp_path / "data")
-    common = ["--env", "point_goal", "--data", str(tmp_path / "data"), "--d-model", "8", "--n-layer", "1",
-              "--d-state", "4", "--k", "2", "--val-tasks", "2", "--val-seeds", "1", "--warmup-iters", "2",
-              "--threads", "1", "--device", "cpu", "--epochs", "4", "--eval-every", "100"]
+    common = ["--env", "point_goal", "--data", str(tmp_path / "data"), "--arch", arch, "--d-model", "8",
+              "--n-layer", "1", "--d-state", "4", "--k", "2", "--val-tasks", "2", "--val-seeds", "1",
+              "--warmup-iters", "2", "--threads", "1", "--device", "cpu", "--epochs", "4", "--eval-every", "100"]
+    if arch == "hybrid":
+        common += ["--segment", "3", "--attn-layers", "1", "--n-head", "2", "--d-ff", "16", "--valuable-subgoals"]
     ad.main(common + ["--batch-size", "4", "--out", str(tmp_path / "one")])
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              "ad.py", *common, "--batch-size", "2", "--out", str(tmp_path / "two")],
@@ -829,7 +833,8 @@ def test_ddp_two_processes_equal_one_process_with_the_global_batch(tmp_path):
     assert one["iter"] == two["iter"] > 3 and (one["world_size"], two["world_size"]) == (1, 2)
     for key in one["model"]:
         torch.testing.assert_close(one["model"][key], two["model"][key], rtol=1e-4, atol=1e-5)
-    assert not torch.equal(one["model"]["embed.weight"], ad.build_model(one["model_config"]).embed.weight)
+    fresh = ad.build_model(one["model_config"]).state_dict()
+    assert all(not torch.equal(one["model"][key], fresh[key]) for key in one["model"] if "weight" in key)
     with pytest.raises(SystemExit, match="trained by 2 process"):
         ad.main(common + ["--batch-size", "2", "--out", str(tmp_path / "two"), "--resume"])
 
@@ -1028,7 +1033,7 @@ def _tiny_checkpoint(tmp_path):
 def test_rollout_records_the_paths_that_earned_its_returns(tmp_path):
     model, ckpt = ad.load_checkpoint(str(_tiny_checkpoint(tmp_path)))
     tasks = envs.sample_tasks("point_goal", 2, "test")
-    kwargs = dict(n_episodes=3, n_seeds=2, act="sample", seed=1)
+    kwargs = dict(n_episodes=3, n_seeds=2, action_mode="sample", seed=1)
     returns, where, goal = ad.rollout(model, ckpt["meta"], tasks, record=True, **kwargs)
     assert where.shape == (2, 2, 3, 21, 2) and goal.shape == (2, 2, 2)
     np.testing.assert_array_equal(returns, ad.rollout(model, ckpt["meta"], tasks, **kwargs))  # unchanged by it
