@@ -279,8 +279,8 @@ def rollout_window(meta, bounded=True):
 
 
 @torch.no_grad()
-def rollout(model, meta, tasks, n_episodes, n_seeds=1, action_mode="mean", seed=0, device="cpu", desc=None, window=None,
-            record=False):
+def rollout(model, meta, tasks, n_episodes, n_seeds=1, action_mode="mean", seed=0, device="cpu", desc=None,
+            window=None, record=False):
     """In-context RL on `tasks`: n_seeds copies of each task play n_episodes consecutive episodes while the
     model's recurrent state (the context) persists across them; no gradient step. All tasks and seeds go
     through one model call per time step. `window`: see at most that many tokens (SlidingContext).
@@ -519,8 +519,9 @@ def train(args):
         bar.set_postfix(loss=f"{loss.item():.4f}", best=f"{best:.2f}", refresh=False)
         if ((it + 1) % args.eval_every == 0 or it + 1 == total) and rank == 0:
             model.eval()
-            returns = rollout(model, meta, val_tasks, meta["episodes"], n_seeds=args.val_seeds, action_mode=args.action_mode,
-                              seed=args.seed, device=args.device, window=rollout_window(meta))
+            returns = rollout(model, meta, val_tasks, meta["episodes"], n_seeds=args.val_seeds,
+                              action_mode=args.action_mode, seed=args.seed, device=args.device,
+                              window=rollout_window(meta))
             model.train()
             score = float(normalised(returns[:, :, -5:].mean(), floor, meta["source_final"]))
             entry = {"iter": it + 1, "loss": loss.item(), "val_loss": validation_loss(model, *held_set, args.loss),

@@ -75,8 +75,9 @@ def evaluate(directory, args):
     tasks = envs.sample_tasks(meta["env"], args.tasks, "test", seed=args.seed)
     n_episodes = args.episodes or meta["episodes"]
     window = ad.rollout_window(meta, bounded=not args.unbounded_context)
-    returns, where, goal = ad.rollout(model, meta, tasks, n_episodes, n_seeds=args.seeds, action_mode=args.action_mode,
-                                      seed=args.seed, device=args.device, window=window, record=True,
+    returns, where, goal = ad.rollout(model, meta, tasks, n_episodes, n_seeds=args.seeds,
+                                      action_mode=args.action_mode, seed=args.seed, device=args.device,
+                                      window=window, record=True,
                                       desc=os.path.basename(os.path.normpath(directory)))
     summary = summarise(returns, meta["env"], tasks, meta["source_final"])
     behaviour = {"where": where[:BEHAVIOUR_TASKS], "goal": goal[:BEHAVIOUR_TASKS],
@@ -317,8 +318,9 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     for result, directory in zip(results, args.checkpoints):
         s = result["summary"]
+        actions = "its own" if "method" in result else args.action_mode  # a baseline acts as its own code does
         print(f"{os.path.normpath(directory)}: {label(result)}, seed {result['train_seed']}, on "
-              f"{len(result['tasks'])} test tasks x {args.seeds} seeds, actions {'its own' if 'method' in result else args.action_mode}: first episode "
+              f"{len(result['tasks'])} test tasks x {args.seeds} seeds, actions {actions}: first episode "
               f"{s['first_episode']:.2f} -> last 5 {s['last5']:.2f}; strict score {s['score_last5']:.2f} "
               f"(zero action {s['zero_action']:.2f}, random {s['random_policy']:.2f}: the better = 0; "
               f"{result['algo']} final {s['source_final']:.2f} = 1), vs random {s['score_last5_vs_random']:.2f}")
