@@ -397,11 +397,11 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--env", default="reacher_goal", choices=list(envs.ENVS))
-    p.add_argument("--data", default=None, help="training histories (default: data/ENV/ALGO of envs.ENVS, AD's data)")
-    p.add_argument("--test-data", default=None, help="the source algorithm's histories on the test tasks "
-                                                     "(default: data/ENV/ALGO_test, what `sac.py --split test` writes)")
-    p.add_argument("--out", default=None, help="run directory (default: out/ENV/macaw)")
-    p.add_argument("--k", type=envs.positive_int, default=None, help="keep every k-th episode, as AD (default: ENVS)")
+    p.add_argument("--data", default=None, help="training histories; None: data/ENV/ALGO of envs.ENVS, AD's data")
+    p.add_argument("--test-data", default=None, help="the source algorithm's histories on the test tasks; "
+                                                     "None: data/ENV/ALGO_test, what `sac.py --split test` writes")
+    p.add_argument("--out", default=None, help="run directory; None: out/ENV/macaw")
+    p.add_argument("--k", type=envs.positive_int, default=None, help="keep every k-th episode, as AD; None: ENVS")
     p.add_argument("--iters", type=envs.positive_int, default=1000, help="meta-steps (reference code: up to 1e6)")
     p.add_argument("--task-batch", type=envs.positive_int, default=5, help="tasks per meta-step")
     p.add_argument("--inner-batch", type=envs.positive_int, default=128,

@@ -402,10 +402,10 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--env", default="point_goal", choices=list(envs.ENVS))
-    p.add_argument("--tasks", type=envs.positive_int, default=None, help="training tasks (default: ENVS, as AD's data)")
+    p.add_argument("--tasks", type=envs.positive_int, default=None, help="training tasks; None: ENVS, as AD's data")
     p.add_argument("--task-seed", type=int, default=0, help="seed of the training tasks (sac.py's --seed of AD's data)")
     p.add_argument("--steps", type=envs.positive_int, default=None,
-                   help="online env steps per training task (default: as many as AD's data holds per task)")
+                   help="online env steps per training task; None: as many as AD's data holds per task")
     p.add_argument("--n-envs", type=envs.positive_int, default=1, help="envs per training task")
     p.add_argument("--updates-per-step", type=envs.positive_int, default=1, help="TD3 updates per vector env step")
     p.add_argument("--burn-in", type=int, default=10_000, help="random-action env steps, over all tasks")
@@ -429,13 +429,13 @@ def build_parser():
     p.add_argument("--test-seeds", type=envs.positive_int, default=3, help="rollouts per test task")
     p.add_argument("--test-seed", type=int, default=0, help="the test tasks of `evaluate.py --seed`")
     p.add_argument("--episodes", type=envs.positive_int, default=None,
-                   help="consecutive episodes per test task (default: AD's stream length)")
-    p.add_argument("--data", default=None, help="AD's learning histories (default: data/ENV/ALGO)")
-    p.add_argument("--k", type=envs.positive_int, default=None, help="AD's downsampling (default: ENVS)")
+                   help="consecutive episodes per test task; None: AD's stream length")
+    p.add_argument("--data", default=None, help="AD's learning histories; None: data/ENV/ALGO")
+    p.add_argument("--k", type=envs.positive_int, default=None, help="AD's downsampling; None: ENVS")
     p.add_argument("--seed", type=int, default=0, help="seeds the networks, exploration and training envs")
     p.add_argument("--threads", type=envs.positive_int, default=None)
     p.add_argument("--device", default="auto")
-    p.add_argument("--out", default=None, help="run directory (default: out/ENV/mql, _sSEED for seed > 0)")
+    p.add_argument("--out", default=None, help="run directory; None: out/ENV/mql, _sSEED for seed > 0")
     return p
 
 
