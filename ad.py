@@ -491,7 +491,7 @@ def train(args):
              f"k={args.k}) from {meta['n_tasks'] - meta['holdout_tasks']} tasks, {len(held_set[0])} held-out streams; "
              f"{total} updates of {args.batch_size * world} samples ({args.batch_size} per process x {world}); "
              f"device {args.device}, {'bf16' if args.bf16 else 'fp32'} matmuls -> {out_dir}")
-    # A k too large keeps too few of the source's late episodes: copying its kept curve is the best AD can do.
+    # What copying the source's kept episodes would score: a k too large keeps too few of its late ones.
     ceiling = float(normalised(np.mean(meta["source_curve"][-5:]), floor, meta["source_final"]))
     log_line(f"validation: {args.val_tasks} tasks; zero action {zero_return:.2f}, random policy {random_return:.2f}, "
              f"source {meta['algo']} final {meta['source_final']:.2f} (strict score: {floor:.2f} = 0, source = 1); "
