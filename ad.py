@@ -9,7 +9,8 @@ improves its policy from what it saw, so on a new task it improves in context, w
 Tokens: one per time step, x_t = [obs_t, act_{t-1}, rew_{t-1}, first_t] (obs and reward standardised with
 dataset statistics, first_t = 1 on an episode's first step; across an episode boundary act_{t-1}, rew_{t-1}
 are the previous episode's last step; zeros before the very first step); the target is a_t. Histories are
-downsampled to every k-th episode. `--context full` trains on whole downsampled streams (the paper's best),
+downsampled to every k-th episode (`--offsets N` also reads each history from N start episodes, N streams
+per history: more training streams from the same data). `--context full` trains on whole downsampled streams (the paper's best),
 `--context N` on random windows of N tokens inside one stream. Losses: `mse` on the executed action (eq. 6)
 or `nll`, a Gaussian head trained against the source policy's own distribution (act_mean, act_std).
 
@@ -56,9 +57,9 @@ class DataError(ValueError):
 
 # ----------------------------------------------------------------------------- histories -> tokens
 
-def load_histories(data_dir, env, k):
-    """Every task_*.npz of data_dir, downsampled to every k-th episode as it is read (a paper-scale data
-    set need not fit in memory whole) and stacked: obs [tasks, E, episodes, H, obs_dim], act, act_mean,
+def load_histories(data_dir, env, k, offsets=1):
+    """Every task_*.npz of data_dir, downsampled to every k-th episode (from `offsets` start episodes) as
+    it is read (a paper-scale data set need not fit in memory whole) and stacked: obs [tasks, E, episodes, H, obs_dim], act, act_mean,
     act_std [.., act_dim] (without a stored policy: act and 0), rew [tasks, E, episodes, H]; plus
     `returns` [tasks, E, all episodes] of the full histories, for the source algorithm's learning curve."""
     make = f"python {envs.env_settings(env).algo}.py --env {env}"
@@ -78,7 +79,7 @@ def load_histories(data_dir, env, k):
                             f"algo {h['algo']} vs {first['algo']}): one data directory per run")
         h.setdefault("act_mean", h["act"])
         h.setdefault("act_std", np.zeros_like(h["act"]))
-        kept.append(downsample(h, k))
+        kept.append(downsample(h, k, offsets))
         returns.append(h["rew"].sum(-1))
     data = {key: np.stack([h[key] for h in kept]) for key in kept[0]}
     data.update(returns=np.stack(returns), algo=first["algo"])
@@ -88,9 +89,20 @@ def load_histories(data_dir, env, k):
 HISTORY_ARRAYS = ("obs", "act", "rew", "act_mean", "act_std")
 
 
-def downsample(history, k):
-    """Keep every k-th episode (0, k, 2k, ...) of each stream: the arrays' episode axis is the second."""
-    return {key: history[key][:, ::k] for key in HISTORY_ARRAYS}
+def downsample(history, k, offsets=1):
+    """Keep every k-th episode (0, k, 2k, ...) of each stream: the arrays' episode axis is the second.
+    offsets > 1 reads each stream again from later start episodes spread over those that keep as many
+    episodes as start 0 (all of [0, k) when k divides the episodes: k = 50, offsets = 5 starts at 0, 10, 20,
+    30, 40), one stream each, appended on the stream axis. Every such stream is the learning history
+    downsampled k-fold, as faithful as the first, so the model sees offsets x the improvement steps of the
+    same source runs instead of memorising one pass of them."""
+    n_episodes = history["rew"].shape[1]
+    n_starts = (n_episodes - 1) % k + 1  # starts 0 .. n_starts - 1 keep ceil(n_episodes / k) episodes
+    if offsets > n_starts:
+        raise DataError(f"--offsets {offsets} with --k {k}: only {n_starts} start episodes keep as many of the "
+                        f"{n_episodes} episodes as the first; use --offsets {n_starts} or fewer")
+    starts = [i * n_starts // offsets for i in range(offsets)]
+    return {key: np.concatenate([history[key][:, s::k] for s in starts], axis=0) for key in HISTORY_ARRAYS}
 
 
 def dataset_stats(obs, rew):
@@ -420,7 +432,7 @@ def prepare(args):
     """Load the histories and build everything a run needs: streams, statistics, the model's config."""
     settings = envs.env_settings(args.env)
     data_dir = args.data or os.path.join("data", args.env, settings.algo)
-    data = load_histories(data_dir, args.env, args.k)
+    data = load_histories(data_dir, args.env, args.k, args.offsets)
     n_tasks = data["obs"].shape[0]
     n_holdout = min(n_tasks - 1, max(1, round(args.holdout * n_tasks))) if args.holdout > 0 else 0
     n_train = n_tasks - n_holdout
@@ -448,13 +460,14 @@ def prepare(args):
           f"AD-{other} at this env's size {other_config['d_model']}x{other_config['n_layer']}: "
           f"{count_params(other_config):,} (--params N picks the --d-model that gives about N)")
     meta = {"env": args.env, "algo": data["algo"], "data": os.path.abspath(data_dir), "n_tasks": n_tasks,
-            "holdout_tasks": n_holdout, "k": args.k, "episodes": L // settings.horizon,
+            "holdout_tasks": n_holdout, "k": args.k, "offsets": args.offsets, "episodes": L // settings.horizon,
             "horizon": settings.horizon, "obs_dim": obs_dim, "act_dim": act_dim, "loss": args.loss,
             "context": args.context, "stats": stats, "source_curve": curve, "source_final": final}
     return train, held, config, meta
 
 
-RUN_KEYS = ("env", "algo", "data", "k", "loss", "context")  # what a --resume must share with the old run
+RUN_KEYS = ("env", "algo", "data", "k", "offsets", "loss", "context")  # what a --resume must share with the old run
+RUN_DEFAULTS = {"offsets": 1}  # what a checkpoint from before a key existed was trained with
 
 
 def train(args):
@@ -560,8 +573,9 @@ def resume(path, model, optimizer, generator, model_config, meta, world):
     if ckpt["model_config"] != model_config:
         raise DataError(f"--resume: {path} holds a {ckpt['model_config']} model, this run asks for {model_config}")
     for key in RUN_KEYS:
-        if ckpt["meta"][key] != meta[key]:
-            raise DataError(f"--resume: {path} was trained with {key}={ckpt['meta'][key]!r}, this run has "
+        old = ckpt["meta"].get(key, RUN_DEFAULTS.get(key))
+        if old != meta[key]:
+            raise DataError(f"--resume: {path} was trained with {key}={old!r}, this run has "
                             f"{meta[key]!r}; use another --out or the old settings")
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
@@ -595,6 +609,8 @@ def build_parser():
     p.add_argument("--data", default=None, help="history directory; None: data/ENV/ALGO of envs.ENVS")
     p.add_argument("--out", default=None, help="checkpoint directory; None: out/ENV/ARCH")
     p.add_argument("--k", type=envs.positive_int, default=None, help="keep every k-th episode; None: envs.ENVS's")
+    p.add_argument("--offsets", type=envs.positive_int, default=1,
+                   help="streams read from each history, from start episodes spread over [0, k)")
     p.add_argument("--context", type=context_arg, default="full", help="full (whole streams) or N tokens")
     p.add_argument("--loss", default="nll", choices=("nll", "mse"), help="action loss")
     p.add_argument("--d-model", type=envs.positive_int, default=None, help="model width; None: envs.ENVS's")

@@ -622,6 +622,21 @@ def test_tokens_and_downsampling_follow_the_layout():
     np.testing.assert_allclose(targets["act"][0, 0, :, 0].numpy(), [-s / 100 for s in kept], rtol=1e-6)
 
 
+def test_offsets_read_each_history_from_later_start_episodes(tmp_path):
+    """--offsets N: N streams per history, every k-th episode from N start episodes; refused where a start
+    would keep fewer episodes than start 0; prepare() then holds N x the streams."""
+    episode = np.arange(10, dtype=np.float32)[None, :, None].repeat(2, 0)       # [E=2, episodes=10, H=1]
+    history = {key: episode[..., None] for key in ad.HISTORY_ARRAYS} | {"rew": episode}
+    kept = ad.downsample(history, k=4, offsets=2)["rew"][..., 0]                 # starts 0 and 1 keep 3 each
+    np.testing.assert_array_equal(kept, [[0, 4, 8], [0, 4, 8], [1, 5, 9], [1, 5, 9]])
+    with pytest.raises(ad.DataError, match="--offsets 2 or fewer"):              # start 2 keeps only 2, 6
+        ad.downsample(history, k=4, offsets=3)
+    _write_point_histories(tmp_path / "data")                                    # 6 episodes: k = 2, starts 0, 1
+    one, two = (ad.prepare(_ad_args(tmp_path, tmp_path / "data", "--offsets", n))[0][1]["act"] for n in "12")
+    assert two.shape == (2 * one.shape[0], *one.shape[1:])                       # 2 training tasks x E = 2
+    torch.testing.assert_close(two.unflatten(0, (2, 2, 2))[:, 0], one.unflatten(0, (2, 2)), rtol=0, atol=0)
+
+
 def _ad_args(tmp_path, data_dir, *extra):
     return ad.parse_args(["--env", "point_goal", "--data", str(data_dir), "--out", str(tmp_path / "run"),
                           "--d-model", "8", "--n-layer", "1", "--d-state", "4", "--k", "2", "--batch-size", "4",
