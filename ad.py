@@ -9,9 +9,9 @@ improves its policy from what it saw, so on a new task it improves in context, w
 Tokens: one per time step, x_t = [obs_t, act_{t-1}, rew_{t-1}, first_t] (obs and reward standardised with
 dataset statistics, first_t = 1 on an episode's first step; across an episode boundary act_{t-1}, rew_{t-1}
 are the previous episode's last step; zeros before the very first step); the target is a_t. Histories are
-downsampled to every k-th episode (`--offsets N` also reads each history from N start episodes, N streams
-per history: more training streams from the same data). `--context full` trains on whole downsampled streams (the paper's best),
-`--context N` on random windows of N tokens inside one stream. Losses: `mse` on the executed action (eq. 6)
+downsampled to every k-th episode (`--offsets N` also reads each history from N start episodes: N streams
+per history). `--context full` trains on whole downsampled streams (the paper's best), `--context N` on
+random windows of N tokens inside one stream. Losses: `mse` on the executed action (eq. 6)
 or `nll`, a Gaussian head trained against the source policy's own distribution (act_mean, act_std).
 
 Three sequence models read the tokens (--arch): mamba.py, transformer.py and hybrid.py (Decision Mamba-Hybrid:
@@ -59,9 +59,10 @@ class DataError(ValueError):
 
 def load_histories(data_dir, env, k, offsets=1):
     """Every task_*.npz of data_dir, downsampled to every k-th episode (from `offsets` start episodes) as
-    it is read (a paper-scale data set need not fit in memory whole) and stacked: obs [tasks, E, episodes, H, obs_dim], act, act_mean,
-    act_std [.., act_dim] (without a stored policy: act and 0), rew [tasks, E, episodes, H]; plus
-    `returns` [tasks, E, all episodes] of the full histories, for the source algorithm's learning curve."""
+    it is read (a paper-scale data set need not fit in memory whole) and stacked: obs [tasks, E x offsets,
+    episodes, H, obs_dim], act, act_mean, act_std [.., act_dim] (without a stored policy: act and 0), rew
+    [tasks, E x offsets, episodes, H]; plus `returns` [tasks, E, all episodes] of the full histories, for
+    the source algorithm's learning curve."""
     make = f"python {envs.env_settings(env).algo}.py --env {env}"
     if not os.path.isdir(data_dir):
         raise DataError(f"no learning histories at {data_dir}: make them with `{make}`")
@@ -94,8 +95,8 @@ def downsample(history, k, offsets=1):
     offsets > 1 reads each stream again from later start episodes spread over those that keep as many
     episodes as start 0 (all of [0, k) when k divides the episodes: k = 50, offsets = 5 starts at 0, 10, 20,
     30, 40), one stream each, appended on the stream axis. Every such stream is the learning history
-    downsampled k-fold, as faithful as the first, so the model sees offsets x the improvement steps of the
-    same source runs instead of memorising one pass of them."""
+    downsampled k-fold, as faithful as the first: more streams from the same source runs (on Pusher a lower
+    held-out loss, not better rollouts: RESULTS.md, "Pusher-Goal in context")."""
     n_episodes = history["rew"].shape[1]
     n_starts = (n_episodes - 1) % k + 1  # starts 0 .. n_starts - 1 keep ceil(n_episodes / k) episodes
     if offsets > n_starts:
@@ -466,7 +467,7 @@ def prepare(args):
     return train, held, config, meta
 
 
-RUN_KEYS = ("env", "algo", "data", "k", "offsets", "loss", "context")  # what a --resume must share with the old run
+RUN_KEYS = ("env", "algo", "data", "k", "offsets", "loss", "context")  # what --resume must keep
 RUN_DEFAULTS = {"offsets": 1}  # what a checkpoint from before a key existed was trained with
 
 
