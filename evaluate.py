@@ -186,24 +186,28 @@ def draw_path(ax, kind, where, **style):
 
 
 def draw_goal(ax, kind, goal, start, length=1.0):
-    """The hidden goal: the point to reach, the target velocity, or an arrow along the direction to run in."""
+    """The hidden goal: the point to reach, the target velocity, or an arrow along the direction to run in.
+    Returns the points it occupies [n, d], which frame_panel must keep in view (matplotlib drops an arrow
+    whose tip falls outside the axes)."""
     if kind == "path":
         ax.plot(*goal, "*", color="k", ms=12)
-    elif kind == "speed":
-        ax.axhline(goal[0], color="k", ls="--", lw=1)
-    else:
-        ax.annotate("", xy=start + length * goal, xytext=start, arrowprops=dict(arrowstyle="->", lw=1.5))
-
-
-def frame_panel(ax, kind, where, goal):
-    """Axis limits that hold every trace in `where` [..., steps, d] and the goal, and the axis labels."""
+        return goal[None]
     if kind == "speed":
-        values = np.append(where[..., 0].ravel(), goal[0])
+        ax.axhline(goal[0], color="k", ls="--", lw=1)
+        return goal[None]
+    tip = start + length * goal
+    ax.annotate("", xy=tip, xytext=start, arrowprops=dict(arrowstyle="->", lw=1.5))
+    return np.stack([start, tip])
+
+
+def frame_panel(ax, kind, where, marks):
+    """Axis limits that hold every trace in `where` [..., steps, d] and the goal's marks (draw_goal's), and
+    the axis labels."""
+    if kind == "speed":
+        values = np.append(where[..., 0].ravel(), marks[:, 0])
         ax.set(xlabel="step", ylabel="forward velocity", ylim=(values.min() - 0.2, values.max() + 0.2))
         return
-    points = where.reshape(-1, 2)
-    if kind == "path":
-        points = np.vstack([points, goal])
+    points = np.vstack([where.reshape(-1, 2), marks])
     low, high = points.min(0), points.max(0)
     half = 0.55 * (high - low).max() + 1e-3    # a square around the middle: the same scale on both axes
     middle = (low + high) / 2
@@ -224,8 +228,8 @@ def plot_behaviour(result, behaviour, png_path):
         for ax, e in zip(axes[i], episodes):
             for s in range(n_seeds):
                 draw_path(ax, kind, where[i, s, e], color=f"C{s}", lw=1)
-            draw_goal(ax, kind, goals[i, 0], where[i, 0, e, 0], length)
-            frame_panel(ax, kind, where[i, :, episodes], goals[i, 0])
+            marks = draw_goal(ax, kind, goals[i, 0], where[i, 0, e, 0], length)
+            frame_panel(ax, kind, where[i, :, episodes], marks)
             ax.set_title(f"test task {i}, episode {e + 1}: return {returns[i, :, e].mean():.1f}", fontsize=8)
     goal = "dashed: the target" if kind == "speed" else "black: the goal, which the agent never sees"
     fig.suptitle(f"{result['env']}, {label(result)}\n{n_seeds} rollouts a task (colours); {goal}", fontsize=8)
@@ -244,9 +248,9 @@ def animate(result, behaviour, gif_path, max_frames=240):
     stride = -(-n_episodes * n_steps // max_frames)                      # every stride-th step, and each end
     frames = [(e, t) for e in range(n_episodes) for t in sorted({*range(1, n_steps, stride), n_steps - 1})]
     fig, ax = plt.subplots(figsize=(3.6, 3.6))
-    frame_panel(ax, kind, where, goal)
+    marks = draw_goal(ax, kind, goal, where[0, 0], max(1.0, np.abs(where - where[0, 0]).max()))
+    frame_panel(ax, kind, where, marks)
     ax.set(xticks=[], yticks=[])  # ticks would take most of each frame's drawing time
-    draw_goal(ax, kind, goal, where[0, 0], max(1.0, np.abs(where - where[0, 0]).max()))
     lines = [draw_path(ax, kind, where[e, :1], color="C0", lw=1.5) for e in range(n_episodes)]
     title = ax.set_title(" ", fontsize=9)
     fig.tight_layout()  # with room for the title

@@ -1072,6 +1072,21 @@ def test_evaluate_draws_behaviour_and_animates(tmp_path):
     assert gif.n_frames == 3 * 20                                        # 3 episodes x 20 steps
 
 
+def test_behaviour_panel_keeps_the_goal_marks_in_view():
+    """Ant-Dir's arrow is as long as the longest path; its tip must lie inside the panel (matplotlib drops an
+    annotation whose tip is outside the axes, which once left Ant's figure without its goal)."""
+    import matplotlib.pyplot as plt
+    where = np.array([[[0.0, 0.0], [0.3, 0.1], [0.2, -0.4]]])            # [episodes, steps, 2]
+    for kind, goal in (("direction", np.array([0.6, -0.8])), ("path", np.array([-2.0, 1.5]))):
+        fig, ax = plt.subplots()
+        marks = evaluate.draw_goal(ax, kind, goal, where[0, 0], length=5.0)
+        evaluate.frame_panel(ax, kind, where, marks)
+        (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+        far = marks[-1]                                                  # the arrow's tip, or the goal
+        assert x0 < far[0] < x1 and y0 < far[1] < y1, (kind, far, (x0, x1, y0, y1))
+        plt.close(fig)
+
+
 # ----------------------------------------------------------------------------- Decision Mamba-Hybrid
 def _tiny_hybrid(segment=5):
     torch.manual_seed(0)
