@@ -44,7 +44,10 @@ class TaskLayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(n, 1, d))
 
     def forward(self, x):
-        return torch.addcmul(self.bias, F.layer_norm(x, x.shape[-1:]), self.weight)
+        # The affine in the normalised features' dtype: under bf16 autocast, fp32 weights would make this
+        # and its backward slow mixed-dtype kernels (RESULTS.md, "Scaling out").
+        y = F.layer_norm(x, x.shape[-1:])
+        return torch.addcmul(self.bias.to(y.dtype), y, self.weight.to(y.dtype))
 
 
 def dropout_mlp(n, d_in, hidden, d_out, dropout, n_hidden=2):

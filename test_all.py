@@ -500,6 +500,20 @@ def test_droq_q_network_has_dropout_and_layer_norm():
     torch.testing.assert_close(agent.critic.net[2](x), torch.nn.functional.layer_norm(x, (16,)))
 
 
+def test_droq_layer_norm_stays_in_bf16_under_autocast():
+    """Its affine runs in the activations' dtype (no mixed-dtype kernels), and its fp32 weights still learn."""
+    norm = droq.TaskLayerNorm(2, 16)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5), norm.bias.uniform_(-1, 1)
+    x = torch.randn(2, 5, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = norm(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), norm(x), atol=0.05, rtol=0.02)
+    y.float().sum().backward()
+    assert norm.weight.grad.dtype == torch.float32 and norm.weight.grad.abs().sum() > 0
+
+
 def test_droq_actor_climbs_the_mean_q_sac_the_minimum():
     q = torch.tensor([[[1.0, 5.0], [3.0, -1.0]]])  # [task, critic, batch]
     torch.testing.assert_close(droq.DroQ(1, 2, 2, hidden=4).policy_q(q), torch.tensor([[2.0, 2.0]]))
