@@ -66,7 +66,7 @@ import sac
 # On reacher_goal (50-step episodes, 70 tasks x 20k steps: 20,000 vector steps, 1 update each) 128-unit nets,
 # a history of 10 and the same lr and adaptation; at the paper's 300 units, H 30 and 5 x 256-transition
 # replay batches one adaptation of the 30 test streams ran over 7 minutes (beside two other jobs), and a test
-# run adapts 19 times; with these, all 19 and the 20 episodes took 6 minutes (RESULTS.md).
+# run adapts 19 times; with these, all 19 and the 20 episodes took 6-7 minutes (RESULTS.md).
 CPU_SCALE = {
     "point_goal": dict(hidden=64, history=5, lr=1e-3, updates_per_step=2, replay_updates=40, sample_mult=1),
     "reacher_goal": dict(hidden=128, history=10, lr=1e-3, replay_updates=40, sample_mult=1),
