@@ -15,7 +15,8 @@ state), all tasks batched in one model call per step (ad.rollout). It writes
 The summary scores the mean return of the last 5 episodes two ways. The strict score, the headline:
 0 = the better of the zero-action and random policies on the same test tasks, 1 = the source algorithm's
 final return; and against the random policy alone (0 = random), which flatters tasks where standing
-still is far above random (Reacher, Ant-Dir).
+still is far above random (Reacher, Ant-Dir). Where the goal is a place, it also gives how far the traced
+point (the point, the fingertip, Pusher's cylinder) ends the first and the last 5 episodes from that goal.
 
 A model trained on N-token windows (`ad.py --context N`) sees at most N tokens in its rollout, whatever
 its architecture (ad.SlidingContext); `--unbounded-context` lifts the bound, for comparison.
@@ -62,6 +63,16 @@ def summarise(returns, env, tasks, source_final):
             "source_final": source_final, "zero_action": zero, "random_policy": random}
 
 
+def goal_distances(where, goal):
+    """Where the goal is a place: how far the traced point (the point, the fingertip, Pusher's cylinder) is
+    from it at the start and at the end of the first and the last 5 episodes, averaged over tasks and seeds.
+    It tells what a return hides: on Pusher, whether the cylinder was pushed at all or only reached for."""
+    distance = np.linalg.norm(where - goal[:, :, None, None], axis=-1)   # [tasks, seeds, episodes, steps]
+    return {"goal_distance_start": float(distance[:, :, :, 0].mean()),
+            "goal_distance_end_first": float(distance[:, :, 0, -1].mean()),
+            "goal_distance_end_last5": float(distance[:, :, -5:, -1].mean())}
+
+
 BEHAVIOUR_TASKS = 3  # test tasks drawn in behaviour.png
 
 
@@ -80,6 +91,8 @@ def evaluate(directory, args):
                                       window=window, record=True,
                                       desc=os.path.basename(os.path.normpath(directory)))
     summary = summarise(returns, meta["env"], tasks, meta["source_final"])
+    if envs.ENVS[meta["env"]].env_class.trace_kind == "path":
+        summary.update(goal_distances(where, goal))
     behaviour = {"where": where[:BEHAVIOUR_TASKS], "goal": goal[:BEHAVIOUR_TASKS],
                  "returns": returns[:BEHAVIOUR_TASKS]}
     return {"checkpoint": os.path.abspath(directory), "env": meta["env"], "arch": ckpt["model_config"]["arch"],
@@ -328,6 +341,9 @@ def main(argv=None):
               f"{s['first_episode']:.2f} -> last 5 {s['last5']:.2f}; strict score {s['score_last5']:.2f} "
               f"(zero action {s['zero_action']:.2f}, random {s['random_policy']:.2f}: the better = 0; "
               f"{result['algo']} final {s['source_final']:.2f} = 1), vs random {s['score_last5_vs_random']:.2f}")
+        if "goal_distance_start" in s:
+            print(f"  distance to the goal: {s['goal_distance_start']:.3f} at the start, at the end of the first "
+                  f"episode {s['goal_distance_end_first']:.3f}, of the last 5 {s['goal_distance_end_last5']:.3f}")
     print(table)
     print(f"wrote {out}/eval.json, {out}/scores.md, {out}/incontext.png"
           + (f", {out}/behaviour.png" if drawn else "") + (f", {out}/behaviour.gif" if args.animate else ""))

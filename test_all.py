@@ -719,6 +719,8 @@ def test_ad_checkpoint_resume_and_evaluation(tmp_path, monkeypatch):
     assert s["score_last5_vs_random"] == pytest.approx((s["last5"] - s["random_policy"])
                                                        / (s["source_final"] - s["random_policy"]))
     assert (tmp_path / "eval" / "incontext.png").stat().st_size > 10_000
+    assert s["goal_distance_start"] == pytest.approx(1.0, abs=1e-6)  # from (0, 0) to a goal on the unit circle
+    assert 0.0 <= s["goal_distance_end_last5"] <= 1.0 + 0.1 * envs.PointGoal.horizon
 
 
 def test_evaluate_scores_a_baseline_results_file(tmp_path, capsys):
