@@ -110,8 +110,12 @@ class MujocoMetaTask(MetaTask):
         obs, info = super().reset(seed=seed, options=options)
         return obs.astype(np.float32), info
 
+    def ctrl(self, action):
+        """The actuator controls a Box(-1, 1) action becomes (what the reward's control cost sees)."""
+        return self._act_center + self._act_scale * np.clip(action, -1.0, 1.0)
+
     def step(self, action):
-        ctrl = self._act_center + self._act_scale * np.clip(action, -1.0, 1.0)
+        ctrl = self.ctrl(action)
         xy_before = self.data.body(self._main_body_name).xpos[:2].copy()
         self.do_simulation(ctrl, self.frame_skip)
         xy_velocity = (self.data.body(self._main_body_name).xpos[:2] - xy_before) / self.dt

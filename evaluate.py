@@ -64,9 +64,9 @@ def summarise(returns, env, tasks, source_final):
 
 
 def goal_distances(where, goal):
-    """Where the goal is a place: how far the traced point (the point, the fingertip, Pusher's cylinder) is
-    from it at the start and at the end of the first and the last 5 episodes, averaged over tasks and seeds.
-    It tells what a return hides: on Pusher, whether the cylinder was pushed at all or only reached for."""
+    """Where the goal is a place: how far the traced point is from it at the start and at the end of the
+    first and the last 5 episodes, averaged over tasks and seeds. It tells what a return hides: on Pusher,
+    whether the cylinder was pushed at all or only reached for."""
     distance = np.linalg.norm(where - goal[:, :, None, None], axis=-1)   # [tasks, seeds, episodes, steps]
     return {"goal_distance_start": float(distance[:, :, :, 0].mean()),
             "goal_distance_end_first": float(distance[:, :, 0, -1].mean()),
