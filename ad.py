@@ -421,12 +421,24 @@ def iters_per_epoch(n_streams, L, args, world=1):
 
 
 @torch.no_grad()
-def validation_loss(model, tokens, targets, loss, batch_size=16):
+def validation_loss(model, tokens, targets, loss, window=None, batch_size=16):
+    """The action loss on held-out streams, in the training context: whole streams, or (`window` tokens)
+    the streams cut into consecutive windows, as the model was trained (a transformer cannot take more
+    than its window, and a windowed Mamba is not trained on more); a remainder shorter than a window is
+    left out."""
+    if window:
+        tokens, targets = tile_windows(tokens, window), {key: tile_windows(v, window) for key, v in targets.items()}
     model.eval()
     losses = [action_loss(model(tokens[i:i + batch_size]), {key: v[i:i + batch_size] for key, v in targets.items()},
                           loss).item() for i in range(0, len(tokens), batch_size)]
     model.train()
     return float(np.mean(losses)) if losses else float("nan")
+
+
+def tile_windows(x, window):
+    """[streams, L, ...] -> [streams * (L // window), window, ...]: consecutive windows of every stream."""
+    n_windows = x.shape[1] // window
+    return x[:, :n_windows * window].reshape(x.shape[0] * n_windows, window, *x.shape[2:])
 
 
 def prepare(args):
@@ -541,7 +553,8 @@ def train(args):
                               window=rollout_window(meta))
             model.train()
             score = float(normalised(returns[:, :, -5:].mean(), floor, meta["source_final"]))
-            entry = {"iter": it + 1, "loss": loss.item(), "val_loss": validation_loss(model, *held_set, args.loss),
+            held_out = validation_loss(model, *held_set, args.loss, window=rollout_window(meta))
+            entry = {"iter": it + 1, "loss": loss.item(), "val_loss": held_out,
                      "val_score": score, "val_first_episode": float(returns[:, :, 0].mean()),
                      "val_last5": float(returns[:, :, -5:].mean())}
             log.append(entry)

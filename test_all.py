@@ -924,6 +924,24 @@ def test_ad_trains_and_evaluates_a_transformer(tmp_path):
                        "--episodes", "1", "--device", "cpu", "--out", str(tmp_path / "eval")])
 
 
+def test_windowed_transformer_validates_on_windows(tmp_path):
+    """A transformer trained on N-token windows cannot take a whole held-out stream: its held-out loss is
+    the mean over the streams' consecutive windows, and equals the loss of those windows fed by hand."""
+    _write_point_histories(tmp_path / "data")
+    args = _ad_args(tmp_path, tmp_path / "data", "--arch", "transformer", "--n-head", "2", "--d-ff", "16",
+                    "--context", "25", "--epochs", "2", "--eval-every", "2")
+    ad.train(args)
+    log = json.load(open(tmp_path / "run" / "log.json"))
+    assert log and all(np.isfinite(entry["val_loss"]) for entry in log)
+    model, ckpt = ad.load_checkpoint(str(tmp_path / "run"), arch="transformer")
+    _, (tokens, targets), _, _ = ad.prepare(args)
+    assert tokens.shape[1] == 60 and ckpt["model_config"]["max_len"] == 25   # 2 windows a stream, 10 tokens left
+    by_hand = [ad.action_loss(model(tokens[:, start:start + 25]),
+                              {key: v[:, start:start + 25] for key, v in targets.items()}, "nll").item()
+               for start in (0, 25)]
+    assert ad.validation_loss(model, tokens, targets, "nll", window=25) == pytest.approx(np.mean(by_hand), rel=1e-5)
+
+
 # ----------------------------------------------------------------------------- mamba.py: the Triton kernels
 # On a CPU these run in Triton's interpreter (TRITON_INTERPRET=1, set at the top of this file), which is
 # slow (the generic associative scan calls the combine function once per element): tiny shapes only.
