@@ -512,6 +512,7 @@ def train(args):
     val_tasks = envs.sample_tasks(args.env, args.val_tasks, "val", seed=args.seed)
     zero_return, random_return = (envs.baseline_return(args.env, val_tasks, p) for p in ("zero", "random"))
     floor = strict_floor(zero_return, random_return)
+    window = rollout_window(meta)  # validation sees what training saw: the window, or whole streams (None)
     log_line = print if rank == 0 else (lambda *a, **k: None)
     log_line(f"AD-{args.arch} on {args.env}: {n_streams} training streams of {L} tokens ({meta['episodes']} episodes, "
              f"k={args.k}) from {meta['n_tasks'] - meta['holdout_tasks']} tasks, {len(held_set[0])} held-out streams; "
@@ -549,14 +550,12 @@ def train(args):
         if ((it + 1) % args.eval_every == 0 or it + 1 == total) and rank == 0:
             model.eval()
             returns = rollout(model, meta, val_tasks, meta["episodes"], n_seeds=args.val_seeds,
-                              action_mode=args.action_mode, seed=args.seed, device=args.device,
-                              window=rollout_window(meta))
+                              action_mode=args.action_mode, seed=args.seed, device=args.device, window=window)
             model.train()
             score = float(normalised(returns[:, :, -5:].mean(), floor, meta["source_final"]))
-            held_out = validation_loss(model, *held_set, args.loss, window=rollout_window(meta))
-            entry = {"iter": it + 1, "loss": loss.item(), "val_loss": held_out,
-                     "val_score": score, "val_first_episode": float(returns[:, :, 0].mean()),
-                     "val_last5": float(returns[:, :, -5:].mean())}
+            entry = {"iter": it + 1, "loss": loss.item(),
+                     "val_loss": validation_loss(model, *held_set, args.loss, window=window), "val_score": score,
+                     "val_first_episode": float(returns[:, :, 0].mean()), "val_last5": float(returns[:, :, -5:].mean())}
             log.append(entry)
             if score > best:
                 best = score
