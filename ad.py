@@ -425,14 +425,18 @@ def validation_loss(model, tokens, targets, loss, window=None, batch_size=16):
     """The action loss on held-out streams, in the training context: whole streams, or (`window` tokens)
     the streams cut into consecutive windows, as the model was trained (a transformer cannot take more
     than its window, and a windowed Mamba is not trained on more); a remainder shorter than a window is
-    left out."""
+    left out. Every sample weighs the same: batch means are weighted by batch size, so an uneven last
+    batch does not count more than its share."""
     if window:
         tokens, targets = tile_windows(tokens, window), {key: tile_windows(v, window) for key, v in targets.items()}
+    if len(tokens) == 0:
+        return float("nan")
     model.eval()
+    starts = range(0, len(tokens), batch_size)
     losses = [action_loss(model(tokens[i:i + batch_size]), {key: v[i:i + batch_size] for key, v in targets.items()},
-                          loss).item() for i in range(0, len(tokens), batch_size)]
+                          loss).item() for i in starts]
     model.train()
-    return float(np.mean(losses)) if losses else float("nan")
+    return float(np.average(losses, weights=[len(tokens[i:i + batch_size]) for i in starts]))
 
 
 def tile_windows(x, window):

@@ -940,6 +940,9 @@ def test_windowed_transformer_validates_on_windows(tmp_path):
                               {key: v[:, start:start + 25] for key, v in targets.items()}, "nll").item()
                for start in (0, 25)]
     assert ad.validation_loss(model, tokens, targets, "nll", window=25) == pytest.approx(np.mean(by_hand), rel=1e-5)
+    # 2 streams = 4 windows, in batches of 3 and 1: the mean over windows, not the mean of the 2 batch means
+    assert ad.validation_loss(model, tokens, targets, "nll", window=25, batch_size=3) == pytest.approx(
+        np.mean(by_hand), rel=1e-5)
 
 
 # ----------------------------------------------------------------------------- mamba.py: the Triton kernels
