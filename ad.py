@@ -293,10 +293,12 @@ def rollout_window(meta, bounded=True):
 
 @torch.no_grad()
 def rollout(model, meta, tasks, n_episodes, n_seeds=1, action_mode="mean", seed=0, device="cpu", desc=None,
-            window=None, record=False):
+            window=None, record=False, blind=False):
     """In-context RL on `tasks`: n_seeds copies of each task play n_episodes consecutive episodes while the
     model's recurrent state (the context) persists across them; no gradient step. All tasks and seeds go
     through one model call per time step. `window`: see at most that many tokens (SlidingContext).
+    `blind`: the reward-blind control: the reward slot of every token is 0 (the data set's mean reward), so
+    whatever the model still gains over the episodes it did not learn from rewards.
     Returns the episode returns [tasks, seeds, episodes]; with `record`, also what the agent did (the envs'
     trace(), for evaluate.py's pictures): where [tasks, seeds, episodes, horizon + 1, d] (after the reset and
     after every step) and each env's hidden goal [tasks, seeds, g]."""
@@ -320,7 +322,8 @@ def rollout(model, meta, tasks, n_episodes, n_seeds=1, action_mode="mean", seed=
             next_obs, rew, _ = vec.step(prev_act.reshape(vec.n_tasks, vec.n_envs, -1).cpu().numpy())
             returns[:, :, episode] += rew
             obs = torch.as_tensor(next_obs, device=device).reshape(n, -1)
-            prev_rew = standardise_reward(torch.as_tensor(rew, device=device).reshape(n), stats)
+            if not blind:
+                prev_rew = standardise_reward(torch.as_tensor(rew, device=device).reshape(n), stats)
             if record:
                 where[-1].append(vec.trace()[0])
     if not record:
@@ -402,16 +405,17 @@ def sample_batch(tokens, targets, args, generator, rank=0, world=1):
     process's gradient on the whole global batch."""
     n_streams, L = tokens.shape[:2]
     n, mine = args.batch_size * world, slice(rank * args.batch_size, (rank + 1) * args.batch_size)
-    rows = torch.randint(n_streams, (n,), generator=generator)
+    device = generator.device  # the training device: no copy, no wait
+    rows = torch.randint(n_streams, (n,), generator=generator, device=device)
     if args.context == "full":
         index = (rows[mine],)
         length = L
     else:
-        starts = torch.randint(L - args.context + 1, (n,), generator=generator)
-        index = (rows[mine, None], (starts[:, None] + torch.arange(args.context))[mine])
+        starts = torch.randint(L - args.context + 1, (n,), generator=generator, device=device)
+        index = (rows[mine, None], (starts[:, None] + torch.arange(args.context, device=device))[mine])
         length = args.context
-    noise = args.noise * torch.randn((n, length, tokens.shape[-1]), generator=generator)[mine]
-    return tokens[index] + noise.to(tokens.device), {key: value[index] for key, value in targets.items()}
+    noise = args.noise * torch.randn((n, length, tokens.shape[-1]), generator=generator, device=device)[mine]
+    return tokens[index] + noise, {key: value[index] for key, value in targets.items()}
 
 
 def iters_per_epoch(n_streams, L, args, world=1):
@@ -480,6 +484,10 @@ def prepare(args):
             "holdout_tasks": n_holdout, "k": args.k, "offsets": args.offsets, "episodes": L // settings.horizon,
             "horizon": settings.horizon, "obs_dim": obs_dim, "act_dim": act_dim, "loss": args.loss,
             "context": args.context, "stats": stats, "source_curve": curve, "source_final": final}
+    noise_settings = os.path.join(data_dir, "noise.json")
+    if os.path.isfile(noise_settings):  # noise.py's histories: evaluate.py scores against their expert
+        with open(noise_settings) as f:
+            meta["noise"] = json.load(f)
     return train, held, config, meta
 
 
@@ -488,21 +496,26 @@ RUN_DEFAULTS = {"offsets": 1}  # what a checkpoint from before a key existed was
 
 
 def train(args):
-    """Train AD; under torchrun, with DistributedDataParallel (gloo on CPU, NCCL on CUDA): every process
-    holds the training streams (they fit: about 0.2 GB for Pusher's paper-scale data by our count, not measured) and
+    """Train AD; under torchrun, with DistributedDataParallel (gloo on CPU, NCCL on CUDA, or --dist-backend):
+    every process holds the training streams (they fit: about 0.2 GB for Pusher's paper-scale data by our count, not measured) and
     trains on its slice of each global batch; rank 0 alone validates and writes checkpoints."""
     rank, world = envs.dist_env()
+    device = torch.device(args.device)
+    if device.type == "cuda" and device.index is not None:  # NCCL and Triton launch on the *current* GPU:
+        torch.cuda.set_device(device)                        # make it this process's own
     if world > 1:
-        torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+        auto = "nccl" if device.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(auto if args.dist_backend == "auto" else args.dist_backend)
     train_set, held_set, model_config, meta = prepare(args)
     out_dir = args.out or os.path.join("out", args.env, args.arch)
     os.makedirs(out_dir, exist_ok=True)
     if args.threads:
         torch.set_num_threads(args.threads)
+    envs.set_matmul_precision(args.device, args.dtype)
     torch.manual_seed(args.seed)
     model = build_model(model_config).to(args.device)
     optimizer = make_optimizer(model, args)
-    generator = torch.Generator().manual_seed(args.seed)
+    generator = torch.Generator(args.device).manual_seed(args.seed)  # batches and noise drawn where they are used
     n_streams, L = train_set[0].shape[:2]
     total = args.epochs * iters_per_epoch(n_streams, L, args, world)
     start, best, log = 0, -math.inf, []
@@ -534,6 +547,7 @@ def train(args):
 
     bar = tqdm(range(start, total), initial=start, total=total, desc=f"AD-{args.arch}", disable=rank > 0)
     model.train()
+    loss_sum, n_summed = torch.zeros((), device=args.device), 0  # the losses since the last read, on the device
     for it in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(it, total, args)
@@ -542,22 +556,24 @@ def train(args):
             loss = training_loss(ddp, tokens, targets, args.loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if world > 1:  # the mean over the global batch, for the log and the NaN check on every process
-            loss = loss.detach().clone()
-            torch.distributed.all_reduce(loss)
-            loss /= world
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"the loss became {loss.item()} at update {it}: lower --lr or check the data")
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}", best=f"{best:.2f}", refresh=False)
-        if ((it + 1) % args.eval_every == 0 or it + 1 == total) and rank == 0:
+        loss_sum += loss.detach()
+        n_summed += 1
+        evaluating = (it + 1) % args.eval_every == 0 or it + 1 == total
+        if evaluating or (it + 1) % LOSS_READ_EVERY == 0:
+            mean_loss, last_loss = read_losses(torch.stack([loss_sum / n_summed, loss.detach()]), world,
+                                               first=it + 1 - n_summed, last=it)
+            loss_sum.zero_()
+            n_summed = 0
+            bar.set_postfix(loss=f"{mean_loss:.4f}", best=f"{best:.2f}", refresh=False)
+        if evaluating and rank == 0:
             model.eval()
             returns = rollout(model, meta, val_tasks, meta["episodes"], n_seeds=args.val_seeds,
                               action_mode=args.action_mode, seed=args.seed, device=args.device, window=window)
             model.train()
             score = float(normalised(returns[:, :, -5:].mean(), floor, meta["source_final"]))
-            entry = {"iter": it + 1, "loss": loss.item(),
+            entry = {"iter": it + 1, "loss": last_loss,
                      "val_loss": validation_loss(model, *held_set, args.loss, window=window), "val_score": score,
                      "val_first_episode": float(returns[:, :, 0].mean()), "val_last5": float(returns[:, :, -5:].mean())}
             log.append(entry)
@@ -579,6 +595,24 @@ def train(args):
     return best
 
 
+# Updates between reads of the loss: a read waits for the device to finish everything queued before it.
+LOSS_READ_EVERY = 50
+
+
+def read_losses(losses, world, first, last):
+    """The device's loss tensor (here [mean since the last read, the latest update's]) averaged over the
+    processes, read back. A non-finite mean means some update from `first` to `last` went NaN or inf (the
+    sum keeps it): stop there, before a checkpoint is written."""
+    if world > 1:
+        torch.distributed.all_reduce(losses)
+        losses /= world
+    mean, latest = losses.tolist()
+    if not math.isfinite(mean):
+        raise FloatingPointError(f"the loss became {mean} at an update from {first} to {last}: lower --lr or "
+                                 f"check the data")
+    return mean, latest
+
+
 def resume(path, model, optimizer, generator, model_config, meta, world):
     """Restore a killed run from last.pt, refusing one made with other data, settings or model."""
     if not os.path.isfile(path):
@@ -596,7 +630,11 @@ def resume(path, model, optimizer, generator, model_config, meta, world):
                             f"{meta[key]!r}; use another --out or the old settings")
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
-    generator.set_state(ckpt["generator"])
+    try:
+        generator.set_state(ckpt["generator"])
+    except RuntimeError:  # a CPU generator's state does not fit a CUDA one, nor the other way round
+        raise DataError(f"--resume: {path} was trained on another kind of device than {generator.device.type}: "
+                        f"resume on the kind it was trained on") from None
     torch.set_rng_state(ckpt["torch_rng"])
     print(f"resuming from update {ckpt['iter']} of {path}")
     return ckpt["iter"], ckpt["best_score"], ckpt["log"]
@@ -606,16 +644,6 @@ def resume(path, model, optimizer, generator, model_config, meta, world):
 
 def context_arg(text):
     return text if text == "full" else envs.positive_int(text)
-
-
-def resolve_device(name):
-    """'auto' -> cuda if available; raises ValueError for a device this machine does not have."""
-    name = ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
-    try:
-        torch.empty(0, device=name)
-    except (RuntimeError, AssertionError) as e:
-        raise ValueError(f"--device {name}: {str(e).splitlines()[0]}") from None
-    return name
 
 
 def build_parser():
@@ -656,11 +684,15 @@ def build_parser():
     p.add_argument("--val-seeds", type=envs.positive_int, default=3, help="rollouts per validation task")
     p.add_argument("--action-mode", default="sample", choices=("mean", "sample"), help="validation rollout actions")
     p.add_argument("--seed", type=int, default=0, help="training seed")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, mps")
+    p.add_argument("--dist-backend", default="auto", choices=("auto", "nccl", "gloo"),
+                   help="torchrun's collectives; auto: nccl on CUDA, gloo elsewhere (gloo also carries CUDA "
+                        "tensors, and lets two processes share one GPU, which NCCL refuses)")
     p.add_argument("--threads", type=envs.positive_int, default=None, help="torch CPU threads; None: torch's")
-    p.add_argument("--dtype", default="fp32", choices=("auto", "bf16", "fp32"),
+    p.add_argument("--dtype", default=None, choices=("auto", "bf16", "fp32", "fp32-strict"),
                    help="matmul precision of training (autocast; weights, optimiser and loss stay fp32); auto = "
-                        "bf16 where the hardware has bf16 units (AMX, AVX512-BF16, recent GPUs)")
+                        "bf16 where the hardware has bf16 units (AMX, AVX512-BF16, recent GPUs); fp32 is TF32 "
+                        "on CUDA's tensor cores, fp32-strict is not; None: auto on CUDA, fp32 elsewhere")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt "
                                                          "(with as many processes as it was trained with)")
     return p
@@ -682,9 +714,12 @@ def parse_args(argv=None):
     args.segment = args.segment or settings.hybrid["segment"]
     args.attn_layers = args.attn_layers or settings.hybrid["attn_layers"]
     args.weight_decay = settings.weight_decay if args.weight_decay is None else args.weight_decay
-    args.device = resolve_device(args.device)
-    if args.device == "cuda" and envs.dist_env()[1] > 1:  # torchrun: one GPU per process on each machine
-        args.device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+    args.device = envs.resolve_device(args.device)
+    # bf16 on CUDA by default: PyTorch's flash attention takes 16-bit inputs only (it pads head sizes such as
+    # Reacher's 42 to a multiple of 8), and the fp32 memory-efficient kernel needs head sizes that are
+    # multiples of 4, so fp32 at 42 dims a head falls back to attention that materialises [B, 4, T, T].
+    # On a CPU the default stays fp32: bf16 did not speed up ad.py's small models there (RESULTS.md).
+    args.dtype = args.dtype or ("auto" if torch.device(args.device).type == "cuda" else "fp32")
     args.bf16 = args.dtype == "bf16" or (args.dtype == "auto" and envs.bf16_is_fast(args.device))
     return args
 

@@ -17,7 +17,8 @@
         a table and saves a plot (--plot, default figures/rollout_latency.png).
     python bench.py ad [--env point_goal] [--batch 16] [--length 200]
         AD training updates per second for Mamba and the transformer at the env's ENVS sizes, fp32 against
-        bf16 autocast (ad.py --dtype), side by side.
+        bf16 autocast (ad.py --dtype), side by side; on a GPU add fp32-strict (--dtypes fp32-strict fp32
+        bf16): IEEE fp32 against TF32 (fp32 on the tensor cores) against bf16.
 Small models run faster and steadier on one thread; the machine is shared, so compare rows of one run.
 """
 import argparse
@@ -247,6 +248,7 @@ def bench_ad(args):
         config = ad.arch_config(arch, sizes, d_in, d_out, max_len=args.length)
         rates = {}
         for dtype in args.dtypes:
+            envs.set_matmul_precision(args.device, dtype)
             torch.manual_seed(0)
             model = ad.build_model(config).to(args.device)
             optimizer = ad.make_optimizer(model, opt_args)
@@ -270,8 +272,9 @@ def bench_ad(args):
             rates[dtype] = 1 / statistics.median(times)
             print(f"  {arch:<11} {config['d_model']}x{config['n_layer']} ({ad.count_params(config):,} params)  "
                   f"{dtype}: {rates[dtype]:7.2f} updates/s", flush=True)
-        if len(rates) == 2:
-            print(f"  {arch}: bf16 / fp32 = {rates['bf16'] / rates['fp32']:.2f}x")
+        first = args.dtypes[0]
+        for dtype in args.dtypes[1:]:
+            print(f"  {arch}: {dtype} / {first} = {rates[dtype] / rates[first]:.2f}x")
 
 
 def filled_state(model, batch, context, device):
@@ -335,8 +338,11 @@ def plot_rollout(rows, png, title):
 
 
 def _sync(device):
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
+    """Wait for the device being measured (on a machine with several GPUs, not GPU 0's queue)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    elif torch.device(device).type == "mps":
+        torch.mps.synchronize()
 
 
 def shape_arg(text):
@@ -346,7 +352,7 @@ def shape_arg(text):
         raise argparse.ArgumentTypeError(f"expected BATCHxDIMxL, e.g. 8x256x1000, got {text}") from None
 
 
-def main():
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="bench", required=True)
     rl_parser = sub.add_parser("rl", help="multi-task RL throughput")
@@ -360,7 +366,7 @@ def main():
     rl_parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
                     help="update precisions to time side by side (the scripts' --dtype)")
     rl_parser.add_argument("--threads", type=envs.positive_int, default=torch.get_num_threads())
-    rl_parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    rl_parser.add_argument("--device", default="auto")
     scan = sub.add_parser("scan", help="Mamba's selective scan, each backend")
     scan.add_argument("--shapes", type=shape_arg, nargs="+", default=None,
                       help="BATCHxDIMxL (default: a few CPU-sized shapes; on a GPU dim 1536, L 1k to 64k)")
@@ -370,7 +376,7 @@ def main():
     scan.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     scan.add_argument("--repeats", type=envs.positive_int, default=3)
     scan.add_argument("--threads", type=envs.positive_int, default=1)
-    scan.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    scan.add_argument("--device", default="auto")
     rollout = sub.add_parser("rollout", help="Mamba, transformer and DM-H step latency against context length")
     rollout.add_argument("--env", default="reacher_goal", choices=list(envs.ENVS), help="model sizes from ENVS")
     rollout.add_argument("--contexts", type=envs.positive_int, nargs="+", default=[1024, 4096, 16384, 65536])
@@ -378,17 +384,27 @@ def main():
     rollout.add_argument("--steps", type=envs.positive_int, default=10, help="timed steps (DM-H: segments) per row (median)")
     rollout.add_argument("--plot", default=os.path.join("figures", "rollout_latency.png"))
     rollout.add_argument("--threads", type=envs.positive_int, default=1)
-    rollout.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    rollout.add_argument("--device", default="auto")
     train = sub.add_parser("ad", help="AD training updates per second, both archs, fp32 vs bf16")
     train.add_argument("--env", default="point_goal", choices=list(envs.ENVS), help="token widths and ENVS sizes")
     train.add_argument("--batch", type=envs.positive_int, default=16)
     train.add_argument("--length", type=envs.positive_int, default=200, help="tokens per sample")
-    train.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    train.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32-strict", "fp32", "bf16"],
+                       help="ad.py's --dtype: on CUDA fp32 is TF32 on the tensor cores, fp32-strict IEEE fp32")
     train.add_argument("--updates", type=envs.positive_int, default=5)
     train.add_argument("--repeats", type=envs.positive_int, default=3)
     train.add_argument("--threads", type=envs.positive_int, default=1)
-    train.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    train.add_argument("--device", default="auto")
+    return parser
+
+
+def main():
+    parser = build_parser()
     args = parser.parse_args()
+    try:
+        args.device = envs.resolve_device(args.device)
+    except ValueError as e:
+        parser.error(str(e))
     {"rl": bench_rl, "scan": bench_scan, "rollout": bench_rollout, "ad": bench_ad}[args.bench](args)
 
 

@@ -5,8 +5,9 @@ Appendix A). DroQ is sample-efficient because it takes many gradient steps per e
 update-to-data ratio); what keeps that from over-fitting the Q-functions is regularisation: every hidden
 layer of each Q-network is Linear -> Dropout -> LayerNorm -> ReLU (a cheap stand-in for REDQ's large
 ensemble). Everything else is sac.py; this file is only what changes:
-  - the critics (`dropout_mlp`, with a per-task LayerNorm so that tasks trained together stay
-    independent: nn.LayerNorm's affine weights would be shared by every task),
+  - the critics (`dropout_mlp`, with a per-task LayerNorm and per-task dropout masks so that tasks
+    trained together stay independent: nn.LayerNorm's affine weights would be shared by every task, and
+    nn.Dropout's masks would come from one generator for all of them),
   - the update: --gradient-steps critic updates per vector step, the actor and entropy weight
     every --policy-delay-th of them;
   - the actor climbs the mean of the Q-functions (DroQ's Algorithm 2, as REDQ does), not SAC's minimum.
@@ -45,17 +46,35 @@ class TaskLayerNorm(nn.Module):
 
     def forward(self, x):
         # The affine in the normalised features' dtype: under bf16 autocast, fp32 weights would make this
-        # and its backward slow mixed-dtype kernels (RESULTS.md, "Scaling out").
-        y = F.layer_norm(x, x.shape[-1:])
+        # and its backward slow mixed-dtype kernels (RESULTS.md, "Scaling out"). CUDA's autocast would run
+        # layer_norm itself in fp32 (a CPU's keeps bf16): off for it, the norm stays in x's dtype everywhere
+        # (its kernels accumulate in fp32 all the same).
+        with torch.autocast(x.device.type, enabled=False):
+            y = F.layer_norm(x, x.shape[-1:])
         return torch.addcmul(self.bias.to(y.dtype), y, self.weight.to(y.dtype))
 
 
-def dropout_mlp(n, d_in, hidden, d_out, dropout, n_hidden=2):
+class TaskDropout(nn.Module):
+    """Dropout whose masks come from each task's own stream of `rng` (rl.TaskRandom): x [n, B, d], where
+    the n networks are len(rng) tasks' equal, consecutive groups (the twin critics: 2 per task)."""
+
+    def __init__(self, p, rng):
+        super().__init__()
+        self.p, self.rng = p, rng
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        keep = self.rng.rand((len(self.rng), x.numel() // len(self.rng))) >= self.p
+        return x * keep.view_as(x) / (1 - self.p)
+
+
+def dropout_mlp(n, d_in, hidden, d_out, dropout, rng, n_hidden=2):
     """n task-batched Q-networks whose hidden layers are Linear -> Dropout -> LayerNorm -> ReLU."""
     sizes = [d_in] + [hidden] * n_hidden
     layers = []
     for a, b in zip(sizes[:-1], sizes[1:]):
-        layers += [rl.TaskLinear(n, a, b), nn.Dropout(dropout), TaskLayerNorm(n, b), nn.ReLU(inplace=True)]
+        layers += [rl.TaskLinear(n, a, b), TaskDropout(dropout, rng), TaskLayerNorm(n, b), nn.ReLU(inplace=True)]
     return nn.Sequential(*layers, rl.TaskLinear(n, sizes[-1], d_out))
 
 
@@ -67,7 +86,8 @@ class DroQ(sac.SAC):
         super().__init__(*args, **kwargs)
 
     def make_critic(self, n_tasks, obs_dim, act_dim, hidden):
-        return sac.TwinQ(n_tasks, obs_dim, act_dim, hidden, mlp=functools.partial(dropout_mlp, dropout=self.dropout))
+        return sac.TwinQ(n_tasks, obs_dim, act_dim, hidden,
+                         mlp=functools.partial(dropout_mlp, dropout=self.dropout, rng=self.rng))
 
     def policy_q(self, q):
         """The actor climbs the mean of the Q-functions (DroQ's Algorithm 2, as in REDQ), not SAC's

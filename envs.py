@@ -278,6 +278,7 @@ class EnvSettings:
     hybrid: dict                   # Decision Mamba-Hybrid size (hybrid.py; see the note above ENVS)
     rl: dict = field(default_factory=dict)  # {algo: overrides of that RL script's defaults} for this env
     ad: dict = field(default_factory=dict)  # overrides of ad.py's defaults for this env
+    expert: dict = field(default_factory=dict)  # overrides of expert.py's defaults (its task-seeing SAC)
 
     @property
     def horizon(self):
@@ -307,7 +308,8 @@ ENVS = {
                 # PPO is on-policy and slow but steady: -4.7 after 100k steps per task (3 tasks; RESULTS.md)
                 ppo=dict(steps=100_000)),
         # 3,000 updates at lr 3e-3 (RESULTS.md: what we tried); Appendix B's 450 epochs are for 1e5-step data
-        ad=dict(lr=3e-3, epochs=100)),
+        ad=dict(lr=3e-3, epochs=100),
+        expert=dict(steps=20_000, hidden=64, gradient_steps=4)),
     "reacher_goal": EnvSettings(
         "ReacherGoal-v0", ReacherGoal, _reacher_goal, algo="sac", train_tasks=70, steps_per_task=100_000,
         k=4, weight_decay=1e-4, mamba=dict(d_model=384, n_layer=6),
@@ -316,7 +318,8 @@ ENVS = {
         # Appendix A's lr 1e-4 with an initial alpha of 1 (SB3's default) lets the entropy bonus swamp
         # rewards of about -0.2 per step for a whole 20k-step run (measured: -31 at 20k steps; -4.1
         # with these settings; RESULTS.md). DroQ is SAC with other critics: the same reasons hold.
-        rl=dict(sac=dict(lr=1e-3, alpha_init=0.1), droq=dict(lr=1e-3, alpha_init=0.1))),
+        rl=dict(sac=dict(lr=1e-3, alpha_init=0.1), droq=dict(lr=1e-3, alpha_init=0.1)),
+        expert=dict(steps=150_000)),
     # Appendix A's PPO learns Pusher as written: -200 -> -34 in 5e5 steps, steadily; SB3's reward scaling
     # (--norm-reward) learns a little faster and ends a little higher on all 3 tasks measured (RESULTS.md).
     "pusher_goal": EnvSettings(
@@ -324,7 +327,8 @@ ENVS = {
         k=10, weight_decay=2e-4, mamba=dict(d_model=512, n_layer=8),
         transformer=dict(d_model=256, n_layer=9, n_head=4, d_ff=2048),
         hybrid=dict(segment=20, d_model=448, n_layer=4, attn_layers=3, n_head=4, d_ff=1792),
-        rl=dict(ppo=dict(norm_reward=True))),
+        rl=dict(ppo=dict(norm_reward=True)),
+        expert=dict(steps=400_000)),
     "half_cheetah_vel": EnvSettings(
         "HalfCheetahVel-v0", HalfCheetahVel, _half_cheetah_vel, algo="sac", train_tasks=15,
         steps_per_task=400_000, k=8, weight_decay=5e-4, mamba=dict(d_model=512, n_layer=8),
@@ -332,7 +336,8 @@ ENVS = {
         hybrid=dict(segment=20, d_model=448, n_layer=4, attn_layers=3, n_head=4, d_ff=1792),
         # As on Reacher: with lr 1e-4 and alpha 1 the policy stays as wide as at the start (std 0.57)
         # and the return flat at the random policy's for 40k steps; these rise: -504 -> -179 in 100k (RESULTS.md).
-        rl=dict(sac=dict(lr=1e-3, alpha_init=0.1))),
+        rl=dict(sac=dict(lr=1e-3, alpha_init=0.1)),
+        expert=dict(steps=300_000)),
     "ant_dir": EnvSettings(
         "AntDir-v0", AntDir, _ant_dir, algo="droq", train_tasks=30, steps_per_task=500_000,
         k=10, weight_decay=5e-4, mamba=dict(d_model=512, n_layer=8),
@@ -340,7 +345,8 @@ ENVS = {
         hybrid=dict(segment=20, d_model=448, n_layer=4, attn_layers=3, n_head=4, d_ff=1792),
         # Appendix A's lr 1e-4 and alpha 1: still at the random policy's return after 15k steps; with
         # these the ant learns to stay up, then to walk (+250 at 30k steps; RESULTS.md).
-        rl=dict(droq=dict(lr=1e-3, alpha_init=0.1))),
+        rl=dict(droq=dict(lr=1e-3, alpha_init=0.1)),
+        expert=dict(steps=500_000)),
 }
 
 for _name, _settings in ENVS.items():
@@ -369,6 +375,43 @@ def dist_env():
     """(rank, world size) of this process under torchrun (its RANK / WORLD_SIZE variables); (0, 1) for a
     plain run. The RL scripts split their tasks by it, ad.py its batches."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def resolve_device(name):
+    """Every script's --device -> a torch device name. 'auto' is CUDA where present, else the CPU (Apple's
+    GPU only when asked for: --device mps). Under torchrun 'cuda' is this process's own GPU,
+    cuda:LOCAL_RANK. Raises ValueError, one line, for a device this machine does not have."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type == "cuda" and device.index is None and dist_env()[1] > 1:
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if local_rank >= n_gpus:
+            raise ValueError(f"--device cuda: torchrun started more processes on this machine than it has GPUs "
+                             f"({n_gpus}): use --nproc_per_node {n_gpus} or fewer")
+        device = torch.device("cuda", local_rank)
+    if device.type == "cuda" and (device.index or 0) >= n_gpus:
+        have = f"this machine has {n_gpus} GPU(s), cuda:0 to cuda:{n_gpus - 1}" if n_gpus else "no CUDA GPU here"
+        raise ValueError(f"--device {name}: {have}" + ("" if n_gpus else "; use --device cpu"))
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS (Apple silicon's GPU) is not available here; use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):  # any other backend torch knows: ask it
+        try:
+            torch.empty(0, device=device)
+        except (RuntimeError, AssertionError, NotImplementedError) as e:
+            raise ValueError(f"--device {name}: {str(e).splitlines()[0]}") from None
+    return str(device)
+
+
+def set_matmul_precision(device, dtype):
+    """On CUDA, fp32 matmuls run on the tensor cores as TF32 (fp32's range, a 10-bit mantissa: several
+    times the throughput of IEEE fp32) unless --dtype fp32-strict. A CPU's fp32 is left as it is."""
+    if torch.device(device).type == "cuda":
+        torch.set_float32_matmul_precision("highest" if dtype == "fp32-strict" else "high")
 
 
 def autocast(device, bf16):
@@ -480,21 +523,26 @@ def save_history(path, *, obs, act, rew, task, env, algo, seed, steps, act_mean=
     half-written file under `path`). Arrays: obs [E, n_episodes, H, obs_dim], act (and optional
     act_mean, act_std) [E, n_episodes, H, act_dim] in [-1, 1], rew [E, n_episodes, H]."""
     arrays = dict(obs=obs, act=act, rew=rew, task=task)
-    if act_mean is not None:
-        arrays.update(act_mean=act_mean, act_std=act_std)
+    arrays.update({k: v for k, v in (("act_mean", act_mean), ("act_std", act_std)) if v is not None})
     arrays = {k: np.asarray(v, dtype=np.float32) for k, v in arrays.items()}
     arrays.update(env=np.array(env), algo=np.array(algo), seed=np.array(seed, np.int64),
                   steps=np.array(steps, np.int64))
     _check_history(arrays, path)
+    write_atomic(path, lambda f: np.savez(f, **arrays))
+
+
+def write_atomic(path, write):
+    """Call write(binary file) on a temp file beside `path`, then rename it to `path`: a kill never leaves
+    half a file there. Every file a long run must be able to resume from is written this way."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=".npz")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=os.path.splitext(path)[1])
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes owner-only files; a data set is meant to be shared
+        os.chmod(tmp, 0o644)  # mkstemp makes owner-only files; data and checkpoints are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
@@ -519,6 +567,9 @@ def load_history(path):
     return data
 
 
+HISTORY_BOUNDS = {"act": (-1, 1), "act_mean": (-1, 1), "act_std": (0, 1)}  # a policy in the [-1, 1] action box
+
+
 def _check_history(d, path):
     required = ("obs", "act", "rew", "task", "env", "algo", "seed", "steps")
     missing = [k for k in required if k not in d]
@@ -535,11 +586,16 @@ def _check_history(d, path):
     for k in ("act_mean", "act_std"):
         if k in d and d[k].shape != d["act"].shape:
             raise HistoryError(f"{path}: {k} shape {d[k].shape} != act shape {d['act'].shape}")
+    if ("act_mean" in d) != ("act_std" in d):
+        raise HistoryError(f"{path}: act_mean and act_std are stored together or not at all")
+    if d["task"].ndim != 1:
+        raise HistoryError(f"{path}: task has shape {d['task'].shape}, expected [task_dim]")
     for k in ["obs", "task"] + names:
         if not np.isfinite(d[k]).all():
             raise HistoryError(f"{path}: {k} holds NaN or inf")
-    if np.abs(d["act"]).max(initial=0) > 1:
-        raise HistoryError(f"{path}: actions outside [-1, 1]")
+    for k, (low, high) in HISTORY_BOUNDS.items():
+        if k in d and d[k].size and (d[k].min() < low or d[k].max() > high):
+            raise HistoryError(f"{path}: {k} outside [{low}, {high}]")
 
 
 # ----------------------------------------------------------------------------- running many tasks

@@ -34,6 +34,7 @@ scores (mean and std over seeds, every seed's score) is printed and written to s
     python evaluate.py out/a out/b --out out/compare      # several checkpoints -> one comparison plot
 """
 import argparse
+import functools
 import json
 import os
 import sys
@@ -44,23 +45,49 @@ import torch
 
 import ad
 import envs
+import expert as experts
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
 
 
-def summarise(returns, env, tasks, source_final):
-    """Returns [tasks, seeds, episodes] -> mean returns (first episode, all, last 5) and both scores of the
-    last 5 episodes, with the zero-action and random-policy baselines measured on the same tasks."""
+def summarise(returns, env, tasks, source_final, blind=None):
+    """Returns [tasks, seeds, episodes] -> mean returns (first episode, all, last 5), the strict score of
+    the first episode and of the last 5 and the score of the last 5 against random, with the zero-action
+    and random-policy baselines measured on the same tasks. With the reward-blind control's returns
+    (`blind`, the same shape), its first episode, last 5 and strict score too."""
     zero, random = (envs.baseline_return(env, tasks, policy) for policy in ("zero", "random"))
     floor = ad.strict_floor(zero, random)
     last5 = returns[:, :, -5:].mean()
-    return {"first_episode": float(returns[:, :, 0].mean()), "all_episodes": float(returns.mean()),
-            "last5": float(last5),
-            "score_last5": float(ad.normalised(last5, floor, source_final)),
-            "score_last5_vs_random": float(ad.normalised(last5, random, source_final)),
-            "score_last5_per_task": ad.normalised(returns[:, :, -5:].mean((1, 2)), floor, source_final).tolist(),
-            "source_final": source_final, "zero_action": zero, "random_policy": random}
+    summary = {"first_episode": float(returns[:, :, 0].mean()), "all_episodes": float(returns.mean()),
+               "last5": float(last5),
+               "score_first_episode": float(ad.normalised(returns[:, :, 0].mean(), floor, source_final)),
+               "score_last5": float(ad.normalised(last5, floor, source_final)),
+               "score_last5_vs_random": float(ad.normalised(last5, random, source_final)),
+               "score_last5_per_task": ad.normalised(returns[:, :, -5:].mean((1, 2)), floor, source_final).tolist(),
+               "source_final": source_final, "zero_action": zero, "random_policy": random}
+    if blind is not None:
+        summary.update(blind_first_episode=float(blind[:, :, 0].mean()), blind_last5=float(blind[:, :, -5:].mean()),
+                       blind_score_last5=float(ad.normalised(blind[:, :, -5:].mean(), floor, source_final)))
+    return summary
+
+
+def expert_reference(meta, tasks, returns, args):
+    """For AD on noise histories (noise.py): the strict score's 1 is their expert's noise-free return on
+    these same test tasks, not the histories' final return on the training tasks. Also the expert's
+    return when told the task distribution's mean instead of the task, per task: the most a policy that
+    ignores the task is shown to get (on HalfCheetah-Vel, running at the mean velocity), and on how many
+    tasks the model's last 5 episodes beat it. None for RL histories."""
+    if "noise" not in meta:
+        return None
+    expert = experts.load_expert(meta["noise"]["expert"], env=meta["env"])
+    own = experts.expert_returns(expert, tasks, n_envs=args.seeds, seed=args.seed)
+    told = experts.expert_returns(expert, tasks, n_envs=args.seeds, seed=args.seed,
+                                  told=experts.mean_task(meta["env"]))
+    beats = returns[:, :, -5:].mean((1, 2)) > told
+    return {"expert": meta["noise"]["expert"], "expert_return": float(own.mean()),
+            "told_mean_task_per_task": told.tolist(), "told_mean_task": float(told.mean()),
+            "tasks_beating_told_mean_task": int(beats.sum())}
 
 
 def goal_distances(where, goal):
@@ -86,11 +113,18 @@ def evaluate(directory, args):
     tasks = envs.sample_tasks(meta["env"], args.tasks, "test", seed=args.seed)
     n_episodes = args.episodes or meta["episodes"]
     window = ad.rollout_window(meta, bounded=not args.unbounded_context)
-    returns, where, goal = ad.rollout(model, meta, tasks, n_episodes, n_seeds=args.seeds,
-                                      action_mode=args.action_mode, seed=args.seed, device=args.device,
-                                      window=window, record=True,
-                                      desc=os.path.basename(os.path.normpath(directory)))
-    summary = summarise(returns, meta["env"], tasks, meta["source_final"])
+    name = os.path.basename(os.path.normpath(directory))
+    rollout = functools.partial(ad.rollout, model, meta, tasks, n_episodes, n_seeds=args.seeds,
+                                action_mode=args.action_mode, seed=args.seed, device=args.device, window=window)
+    returns, where, goal = rollout(record=True, desc=name)
+    blind = rollout(blind=True, desc=f"{name}, reward-blind") if args.blind else None
+    reference = expert_reference(meta, tasks, returns, args)
+    source_final = reference["expert_return"] if reference else meta["source_final"]
+    summary = summarise(returns, meta["env"], tasks, source_final, blind)
+    summary["source_final_from"] = ("the expert, noise-free, on these test tasks" if reference else
+                                    f"the last 10% of the {meta['algo']} histories (training tasks)")
+    if reference:
+        summary.update(reference)
     if envs.ENVS[meta["env"]].env_class.trace_kind == "path":
         summary.update(goal_distances(where, goal))
     behaviour = {"where": where[:BEHAVIOUR_TASKS], "goal": goal[:BEHAVIOUR_TASKS],
@@ -102,6 +136,7 @@ def evaluate(directory, args):
             "rollout_window": window,
             "loss": meta["loss"], "action_mode": args.action_mode,
             "seeds": args.seeds, "tasks": tasks.tolist(), "returns": returns.tolist(),
+            "blind_returns": None if blind is None else blind.tolist(),
             "source_curve": meta["source_curve"], "summary": summary}, behaviour
 
 
@@ -153,18 +188,30 @@ def group_runs(results):
     return groups
 
 
+def mean_std(values):
+    return f"{np.mean(values):.2f} ± {np.std(values):.2f}"
+
+
 def score_table(groups):
     """Markdown table per group: mean returns (first episode; all episodes, a measure of in-context sample
-    efficiency; last 5) and the final normalised score: mean, std over training seeds, each seed."""
+    efficiency; last 5), the strict score of the last 5 (mean ± std over training seeds, each seed), of the
+    first episode (adaptation within an episode, not across episodes), of the reward-blind control and the
+    difference (the part of the score that comes from reading rewards), and the score against random."""
     rows = ["| model | runs (seeds) | first episode | all episodes | last 5 episodes | strict score: mean ± std "
-            "over seeds | per seed | score vs random |", "|---|---|---|---|---|---|---|---|"]
+            "over seeds | per seed | first-episode score | reward-blind score | strict − blind | score vs random |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, runs in groups.items():
-        scores = np.array([r["summary"]["score_last5"] for r in runs])
-        vs_random = np.array([r["summary"]["score_last5_vs_random"] for r in runs])
-        returns = [np.mean([r["summary"][key] for r in runs]) for key in ("first_episode", "all_episodes", "last5")]
+        summaries = [r["summary"] for r in runs]
+        scores = np.array([s["score_last5"] for s in summaries])
+        returns = [np.mean([s[key] for s in summaries]) for key in ("first_episode", "all_episodes", "last5")]
+        has_blind = all("blind_score_last5" in s for s in summaries)  # a baseline's results.json has none
+        blind = np.array([s["blind_score_last5"] for s in summaries]) if has_blind else None
         rows.append(f"| {name} | {len(runs)} ({', '.join(str(r['train_seed']) for r in runs)}) | "
-                    + " | ".join(f"{x:.2f}" for x in returns) + f" | {scores.mean():.2f} ± {scores.std():.2f} | "
-                    f"{', '.join(f'{s:.2f}' for s in scores)} | {vs_random.mean():.2f} ± {vs_random.std():.2f} |")
+                    + " | ".join(f"{x:.2f}" for x in returns) + f" | {mean_std(scores)} | "
+                    f"{', '.join(f'{s:.2f}' for s in scores)} | "
+                    f"{mean_std([s['score_first_episode'] for s in summaries])} | "
+                    f"{mean_std(blind) if has_blind else '—'} | {mean_std(scores - blind) if has_blind else '—'} | "
+                    f"{mean_std([s['score_last5_vs_random'] for s in summaries])} |")
     return "\n".join(rows)
 
 
@@ -178,9 +225,12 @@ def plot(groups, png_path):
         x = np.arange(len(mean))
         line, = ax.plot(x, mean, label=name + (f", {len(runs)} seeds" if len(runs) > 1 else ""))
         ax.fill_between(x, mean - std, mean + std, alpha=0.2, color=line.get_color())
+        if all(r.get("blind_returns") is not None for r in runs):
+            blind = np.mean([np.asarray(r["blind_returns"]).mean((0, 1)) for r in runs], axis=0)
+            ax.plot(x, blind, "--", color=line.get_color(), lw=1, label="  the same, reward-blind")
     first = next(iter(groups.values()))[0]
     source = first["source_curve"]
-    ax.plot(np.arange(len(source)), source, "k--",
+    ax.plot(np.arange(len(source)), source, "k-", lw=0.8,
             label=f"{first['algo'].upper()} learning curve, training tasks (one episode in {first['k']})")
     ax.axhline(first["summary"]["zero_action"], color="grey", ls=":", label="zero action")
     ax.axhline(first["summary"]["random_policy"], color="grey", ls="-.", label="random policy")
@@ -294,6 +344,9 @@ def build_parser():
     p.add_argument("--unbounded-context", action="store_true",
                    help="let a model trained on N-token windows see the whole rollout (Mamba's state keeps "
                         "everything); otherwise every architecture sees at most its training window")
+    p.add_argument("--blind", action=argparse.BooleanOptionalAction, default=True,
+                   help="also roll out the reward-blind control: every reward input to the model zeroed "
+                        "(twice the rollouts); what it keeps of the gain was not learned from rewards")
     p.add_argument("--animate", action="store_true",
                    help="also write behaviour.gif: the first test task's episodes one after another")
     p.add_argument("--out", default=None, help="where eval.json and the figures go; None: the checkpoint's "
@@ -307,7 +360,7 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        args.device = ad.resolve_device(args.device)
+        args.device = envs.resolve_device(args.device)
         if args.threads:
             torch.set_num_threads(args.threads)
         results, behaviours = zip(*(evaluate(d, args) for d in args.checkpoints))
@@ -340,7 +393,15 @@ def main(argv=None):
               f"{len(result['tasks'])} test tasks x {args.seeds} seeds, actions {actions}: first episode "
               f"{s['first_episode']:.2f} -> last 5 {s['last5']:.2f}; strict score {s['score_last5']:.2f} "
               f"(zero action {s['zero_action']:.2f}, random {s['random_policy']:.2f}: the better = 0; "
-              f"{result['algo']} final {s['source_final']:.2f} = 1), vs random {s['score_last5_vs_random']:.2f}")
+              f"{s['source_final']:.2f} = 1: {s.get('source_final_from', result['algo'] + ' final')}), vs random "
+              f"{s['score_last5_vs_random']:.2f}")
+        if "blind_score_last5" in s:
+            print(f"  reward-blind control: first episode {s['blind_first_episode']:.2f} -> last 5 "
+                  f"{s['blind_last5']:.2f}, strict score {s['blind_score_last5']:.2f}: "
+                  f"{s['score_last5'] - s['blind_score_last5']:.2f} of the score comes from reading rewards")
+        if "tasks_beating_told_mean_task" in s:
+            print(f"  the expert told the mean task scores {s['told_mean_task']:.2f}; the last 5 episodes beat it on "
+                  f"{s['tasks_beating_told_mean_task']} of {len(result['tasks'])} test tasks")
         if "goal_distance_start" in s:
             print(f"  distance to the goal: {s['goal_distance_start']:.3f} at the start, at the end of the first "
                   f"episode {s['goal_distance_end_first']:.3f}, of the last 5 {s['goal_distance_end_last5']:.3f}")

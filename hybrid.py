@@ -48,7 +48,7 @@ def valuable_subgoal_steps(rew):
     rew [..., H] (one episode per row) -> int64 indices [..., H] into the same episode."""
     H = rew.shape[-1]
     before = F.pad(torch.cumsum(rew, -1), (1, 0))                    # before[i] = r_0 + .. + r_{i-1}
-    steps = torch.arange(H)
+    steps = torch.arange(H, device=rew.device)
     accumulated = before[..., None, 1:] - before[..., :-1, None]      # [.., t, t'] = r_t + .. + r_t'
     distance = (steps[None, :] - steps[:, None]).to(rew.dtype)       # t' - t
     value = torch.where(distance > 0, accumulated / distance.clamp_min(1), -math.inf)

@@ -436,7 +436,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         args.k = args.k or envs.env_settings(args.env).k
-        args.device = ad.resolve_device(args.device)
+        args.device = envs.resolve_device(args.device)
         run(args)
     except (OSError, ValueError, FloatingPointError) as e:
         sys.exit(f"error: {e}")

@@ -490,10 +490,11 @@ class TritonScanFn(torch.autograd.Function):
         out = torch.empty_like(u)
         states = u.new_empty(batch, dim, n_chunks, N, dtype=torch.float32)   # h at the end of each chunk
         block_d = min(BLOCK_D, triton.next_power_of_2(dim))
-        _scan_fwd_kernel[(batch, triton.cdiv(dim, block_d))](
-            u, delta, A, B, C, _or(D, u), _or(z, u), _or(delta_bias, u), out, states, dim, L, N, n_chunks,
-            D is not None, z is not None, delta_bias is not None, bool(delta_softplus),
-            BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(N), CHUNK=chunk, num_warps=NUM_WARPS)
+        with _device_of(u):
+            _scan_fwd_kernel[(batch, triton.cdiv(dim, block_d))](
+                u, delta, A, B, C, _or(D, u), _or(z, u), _or(delta_bias, u), out, states, dim, L, N, n_chunks,
+                D is not None, z is not None, delta_bias is not None, bool(delta_softplus),
+                BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(N), CHUNK=chunk, num_warps=NUM_WARPS)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states)
         ctx.delta_softplus = bool(delta_softplus)
         last_state = states[:, :, -1].clone()
@@ -511,11 +512,12 @@ class TritonScanFn(torch.autograd.Function):
         f32 = dict(device=u.device, dtype=torch.float32)
         dA, dD, dbias = torch.empty(batch, dim, N, **f32), *torch.empty(2, batch, dim, **f32)
         dB, dC = torch.empty(batch, n_blocks, N, L, **f32), torch.empty(batch, n_blocks, N, L, **f32)
-        _scan_bwd_kernel[(batch, n_blocks)](
-            u, delta, A, B, C, _or(D, u), _or(z, u), _or(delta_bias, u), dout.contiguous(), states,
-            du, ddelta, dz, dA, dB, dC, dD, dbias, dim, L, N, n_chunks,
-            D is not None, z is not None, delta_bias is not None, ctx.delta_softplus,
-            BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(N), CHUNK=chunk, num_warps=NUM_WARPS)
+        with _device_of(u):
+            _scan_bwd_kernel[(batch, n_blocks)](
+                u, delta, A, B, C, _or(D, u), _or(z, u), _or(delta_bias, u), dout.contiguous(), states,
+                du, ddelta, dz, dA, dB, dC, dD, dbias, dim, L, N, n_chunks,
+                D is not None, z is not None, delta_bias is not None, ctx.delta_softplus,
+                BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(N), CHUNK=chunk, num_warps=NUM_WARPS)
         return (du, ddelta, dA.sum(0).to(A.dtype), dB.sum(1).to(B.dtype), dC.sum(1).to(C.dtype),
                 None if D is None else dD.sum(0).to(D.dtype), None if z is None else dz,
                 None if delta_bias is None else dbias.sum(0).to(delta_bias.dtype), None)
@@ -528,6 +530,13 @@ def _chunk(L):
 
 def _or(tensor, dummy):
     return dummy if tensor is None else tensor
+
+
+def _device_of(tensor):
+    """Triton launches a kernel on the *current* CUDA device, not on the one its pointers live on: under
+    torchrun, or with --device cuda:1, that would be GPU 0. Every launch goes under this guard, which makes
+    the tensor's GPU current (-1, for the interpreter's CPU tensors, switches nothing)."""
+    return torch.cuda.device(tensor.device if tensor.is_cuda else -1)
 
 
 _INTERPRETED = type(_scan_fwd_kernel).__name__ == "InterpretedFunction"  # TRITON_INTERPRET=1 when defined

@@ -458,7 +458,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        args.device = ad.resolve_device(args.device)
+        args.device = envs.resolve_device(args.device)
         if args.threads:
             torch.set_num_threads(args.threads)
         run(args)

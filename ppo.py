@@ -65,7 +65,9 @@ def clipped_surrogate(log_prob, old_log_prob, adv, clip):
 
 def clip_grad_norm_per_task(params, max_norm):
     """Scale each task's gradient (slice i of every parameter's leading axis) to norm <= max_norm."""
-    norms = torch.stack([p.grad.flatten(1).square().sum(1) for p in params]).sum(0).sqrt()
+    # summed parameter by parameter: a sum over a stacked [params, tasks] axis would add in an order that
+    # depends on the number of tasks, and a task's history on the tasks it trains beside
+    norms = sum(p.grad.flatten(1).square().sum(1) for p in params).sqrt()
     scale = (max_norm / (norms + 1e-6)).clamp(max=1)
     for p in params:
         p.grad.mul_(scale.view(-1, *[1] * (p.dim() - 1)))
@@ -105,6 +107,7 @@ class PPO(nn.Module):
                  bf16=False, device="cpu"):
         super().__init__()
         self.bf16 = bf16
+        self.rng = rl.TaskRandom(range(n_tasks), device)  # rl.init_per_task seeds it with the run's task seeds
         self.gamma, self.gae_lambda, self.clip, self.vf_coef, self.ent_coef = gamma, gae_lambda, clip, vf_coef, ent_coef
         self.epochs, self.batch_size, self.max_grad_norm = epochs, batch_size, max_grad_norm
         self.obs_norm = RunningNorm(n_tasks, obs_dim)
@@ -136,7 +139,7 @@ class PPO(nn.Module):
         under the policy that drew it (the behaviour policy of PPO's ratio), and the mean and std of the
         executed action, clip(u, -1, 1), for the history."""
         pi = self.dist(obs)
-        u = pi.sample()
+        u = pi.mean + pi.stddev * self.rng.randn(pi.mean.shape)  # each task's noise from its own stream
         return u, pi.log_prob(u).sum(-1), *rl.action_moments(pi.mean, pi.stddev, clip_action, self.normal_nodes)
 
     def update(self, obs, raw_act, old_log_prob, rew, next_obs, episode_end):
@@ -156,7 +159,7 @@ class PPO(nn.Module):
                 ret, adv = (adv + value).flatten(1), adv.flatten(1)
             n, task = adv.shape[1], torch.arange(T, device=adv.device)[:, None]
             for _ in range(self.epochs):
-                order = torch.rand(T, n, device=adv.device).argsort(1)  # each task shuffles its own rollout
+                order = self.rng.rand((T, n)).argsort(1)  # each task shuffles its own rollout, from its own stream
                 for start in range(0, n, self.batch_size):
                     i = order[:, start:start + self.batch_size]
                     self.step(obs[task, i], raw_act[task, i], old_log_prob[task, i], adv[task, i], ret[task, i])
@@ -190,10 +193,9 @@ class PPO(nn.Module):
 
 # ----------------------------------------------------------------------------- rollouts and updates
 
-def collect_and_learn(agent, vec, n_steps, args, desc, task_seeds=None):
+def collect_and_learn(agent, vec, n_steps, args, desc):
     """Run the agent on every env of `vec` for n_steps vector steps, updating after each full rollout
-    of --rollout-steps steps. Returns the filled rl.HistoryBuffer (the history, in order). (PPO has no
-    random warm-up, so it needs no per-task seeds.)"""
+    of --rollout-steps steps. Returns the filled rl.HistoryBuffer (the history, in order)."""
     device = args.device
     buf = rl.HistoryBuffer(vec.n_tasks, vec.n_envs, n_steps, vec.horizon, vec.obs_dim, vec.act_dim, device)
     raw_act = torch.zeros(vec.n_tasks, vec.n_envs, args.rollout_steps, vec.act_dim, device=device)

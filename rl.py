@@ -3,6 +3,8 @@ algorithm alone:
   - task-batched layers: n independent networks evaluated as one batched matmul (TaskLinear, task_mlp),
     and the quadrature that gives a policy's mean and std in [-1, 1] action space (action_moments);
   - the learning history, which doubles as the replay buffer (HistoryBuffer);
+  - one random stream per task (TaskRandom), so that a task's history does not depend on the tasks it
+    trains beside;
   - the command line every script starts from, with the per-env defaults of envs.ENVS (base_parser,
     parse_args);
   - the run over many tasks: cache-sized chunks trained together, each task seeded by its own index,
@@ -27,6 +29,12 @@ import torch.nn as nn
 
 import envs
 
+# MKL picks its matmul kernels by where the operands sit in memory, so task i's slice of a task-batched
+# matmul could round differently beside another number of tasks, and its history would depend on how the
+# run was split. Strict conditional numerical reproducibility makes every result depend on the values
+# alone. MKL reads the setting at its first call, which no import makes.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+
 
 # ----------------------------------------------------------------------------- task-batched networks
 
@@ -40,6 +48,11 @@ class TaskLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(n, 1, d_out).uniform_(-bound, bound))
 
     def forward(self, x):
+        if self.weight.shape[2] == 1:
+            # One output (a Q or value head): multiply and sum. As a matmul it is a matrix-vector product,
+            # which MKL rounds differently for one network than for a batch of them, so a task's history
+            # would depend on whether it trained alone (--parallel 1) or beside others.
+            return (x * self.weight.mT).sum(-1, keepdim=True) + self.bias
         return torch.baddbmm(self.bias, x, self.weight)
 
 
@@ -66,6 +79,44 @@ def action_moments(mu, std, squash, nodes):
     mean = a.mean(-1)
     var = a.square().mean(-1) - mean.square()
     return mean, var.clamp_min(0).sqrt()
+
+
+# ----------------------------------------------------------------------------- per-task randomness
+
+class TaskRandom:
+    """One random stream per task: every draw is [task, ...], and task i's slice comes from its own
+    generator. A batched run draws for each task exactly what a run of that task alone would, in the
+    same order, so exploration noise, minibatches and dropout masks depend on the task's seed alone,
+    not on which tasks share its chunk, its --parallel or its torchrun process."""
+
+    def __init__(self, seeds, device="cpu"):
+        self.device = device
+        self.generators = [torch.Generator(device) for _ in seeds]
+        self.seed(seeds)
+
+    def seed(self, seeds):
+        for generator, seed in zip(self.generators, seeds, strict=True):
+            generator.manual_seed(seed)
+
+    def __len__(self):
+        return len(self.generators)
+
+    def _draw(self, sample, shape):
+        if shape[0] != len(self):
+            raise ValueError(f"draw of shape {tuple(shape)} for {len(self)} tasks")
+        return torch.stack([sample(generator) for generator in self.generators])
+
+    def rand(self, shape):
+        """U[0, 1) of `shape`, task axis first."""
+        return self._draw(lambda g: torch.rand(shape[1:], generator=g, device=self.device), shape)
+
+    def randn(self, shape):
+        """N(0, 1) of `shape`, task axis first."""
+        return self._draw(lambda g: torch.randn(shape[1:], generator=g, device=self.device), shape)
+
+    def randint(self, high, shape):
+        """Integers uniform in [0, high) of `shape`, task axis first."""
+        return self._draw(lambda g: torch.randint(high, shape[1:], generator=g, device=self.device), shape)
 
 
 # ----------------------------------------------------------------------------- history = replay buffer
@@ -97,13 +148,15 @@ class HistoryBuffer:
             self.obs[:, :, t + 1] = next_obs
         self.n += 1
 
-    def sample(self, batch_size, capacity):
-        """batch_size transitions per task -> obs, act, rew, next_obs, each [task, batch, ...]."""
+    def sample(self, batch_size, capacity, rng):
+        """batch_size transitions per task, each task's from its own stream of `rng` (TaskRandom) ->
+        obs, act, rew, next_obs, each [task, batch, ...]."""
         T, E = self.obs.shape[:2]
-        device = self.obs.device
-        t = torch.randint(max(0, self.n - capacity // E), self.n, (T, batch_size), device=device)
-        env = torch.randint(0, E, (T, batch_size), device=device)
-        task = torch.arange(T, device=device)[:, None]
+        first = max(0, self.n - capacity // E)  # the oldest step still in the replay window
+        span = self.n - first
+        index = rng.randint(E * span, (T, batch_size))  # one draw picks the env and the step
+        env, t = index // span, first + index % span
+        task = torch.arange(T, device=self.obs.device)[:, None]
         return self.obs[task, env, t], self.act[task, env, t], self.rew[task, env, t], self.next_obs(task, env, t)
 
     def next_obs(self, task, env, t):
@@ -139,13 +192,14 @@ def base_parser(algo, description):
     p.add_argument("--split", default="train", choices=("train", "val", "test"),
                    help="which tasks to learn: AD's training tasks, or held-out ones (a baseline that adapts "
                         "from a test task's own data, macaw.py, reads the source's histories on them)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, mps")
     p.add_argument("--threads", type=envs.positive_int, default=None,
                    help="torch CPU threads; None: torch's, one per core (use 1 per job when "
                         "running several jobs at once)")
-    p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"),
+    p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32", "fp32-strict"),
                    help="matmul precision of the updates (weights and optimiser stay fp32); auto = bf16 "
-                        "where the hardware has bf16 units (AMX, AVX512-BF16, recent GPUs), else fp32")
+                        "where the hardware has bf16 units (AMX, AVX512-BF16, recent GPUs), else fp32; "
+                        "fp32 is TF32 on CUDA's tensor cores, fp32-strict is not")
     p.add_argument("--out", default=None, help=f"output directory; None: data/ENV/{algo}, "
                                                f"data/ENV/{algo}_SPLIT for another --split")
     p.add_argument("--n-envs", type=envs.positive_int, default=5, help="parallel envs per task")
@@ -161,14 +215,10 @@ def parse_args(parser, argv, algo):
     parser.set_defaults(**{"tasks": settings.train_tasks, "steps": settings.steps_per_task,
                            **settings.rl.get(algo, {})})
     args = parser.parse_args(argv)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and envs.dist_env()[1] > 1:  # torchrun: one GPU per process on each machine
-        args.device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
     try:
-        torch.empty(0, device=args.device)
-    except (RuntimeError, AssertionError) as e:  # a malformed name, or CUDA asked for but absent
-        parser.error(f"--device {args.device}: {str(e).splitlines()[0]}")
+        args.device = envs.resolve_device(args.device)
+    except ValueError as e:
+        parser.error(str(e))
     args.bf16 = args.dtype == "bf16" or (args.dtype == "auto" and envs.bf16_is_fast(args.device))
     return args
 
@@ -176,15 +226,18 @@ def parse_args(parser, argv, algo):
 # ----------------------------------------------------------------------------- the run over many tasks
 
 def task_seed(seed, index):
-    """The seed of task `index` of a run: its networks, warm-up actions and envs depend on it alone, not
-    on --parallel or on how many processes share the run."""
+    """The seed of task `index` of a run: its networks, its random stream (TaskRandom: warm-up actions,
+    exploration, minibatches, dropout) and its envs depend on it alone, not on --parallel or on how many
+    processes share the run."""
     return seed * 100_003 + index
 
 
 def init_per_task(agent, seeds, make_one):
     """Give task i of a task-batched agent the initial weights that a one-task agent built right after
-    torch.manual_seed(seeds[i]) gets. Tensors with a task axis first (weights, targets, entropy weights;
-    twin critics hold 2 networks per task) are copied slice by slice; shared constants are left alone."""
+    torch.manual_seed(seeds[i]) gets, and a random stream (agent.rng, a TaskRandom) seeded by seeds[i].
+    Tensors with a task axis first (weights, targets, entropy weights; twin critics hold 2 networks per
+    task) are copied slice by slice; shared constants are left alone."""
+    agent.rng.seed(seeds)
     state = agent.state_dict()
     for i, seed in enumerate(seeds):
         torch.manual_seed(seed)
@@ -220,6 +273,7 @@ def run(args, algo, make_agent, learn):
           + f", device {args.device}, {'bf16' if args.bf16 else 'fp32'} updates -> {out}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    envs.set_matmul_precision(args.device, args.dtype)
     parallel = args.parallel or default_parallel(args, len(mine))
     for start in range(0, len(mine), parallel):
         chunk = mine[start:start + parallel]
@@ -227,10 +281,9 @@ def run(args, algo, make_agent, learn):
         vec = envs.MultiTaskVecEnv(args.env, tasks[chunk], args.n_envs, seed=args.seed, task_ids=chunk)
         agent = make_agent(args, len(chunk), vec.obs_dim, vec.act_dim)
         init_per_task(agent, seeds, lambda: make_agent(args, 1, vec.obs_dim, vec.act_dim))
-        torch.manual_seed(seeds[0])  # what follows (minibatches, exploration) is seeded per chunk
         desc = f"tasks {chunk[0]}-{chunk[-1]}" if len(chunk) > 1 else f"task {chunk[0]}"
         t0 = time.perf_counter()
-        buf = learn(agent, vec, n_episodes * horizon, args, desc, seeds)
+        buf = learn(agent, vec, n_episodes * horizon, args, desc)
         seconds = time.perf_counter() - t0
         for i, task_index in enumerate(chunk):
             envs.save_history(envs.history_path(out, task_index), **buf.task_arrays(i), task=tasks[task_index],

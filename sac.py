@@ -47,12 +47,13 @@ class Actor(nn.Module):
         mu, log_std = self.net(obs).float().chunk(2, dim=-1)  # fp32 from here on, also under bf16 autocast
         return mu, log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
 
-    def sample(self, obs):
-        """a ~ pi(.|s) with its log-density, by the reparameterisation trick."""
-        return self.sample_from(*self(obs))
+    def sample(self, obs, rng):
+        """a ~ pi(.|s) with its log-density, by the reparameterisation trick; the noise from each task's
+        own stream of `rng` (rl.TaskRandom)."""
+        return self.sample_from(*self(obs), rng)
 
-    def sample_from(self, mu, log_std):
-        eps = torch.randn_like(mu)
+    def sample_from(self, mu, log_std, rng):
+        eps = rng.randn(mu.shape)
         u = mu + log_std.exp() * eps
         # log N(u; mu, std) minus log|d tanh(u)/du| = log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u)),
         # the stable form of the change of variables
@@ -93,6 +94,7 @@ class SAC(nn.Module):
                  alpha_init=1.0, bf16=False, device="cpu"):
         super().__init__()
         self.gamma, self.tau, self.bf16 = gamma, tau, bf16
+        self.rng = rl.TaskRandom(range(n_tasks), device)  # rl.init_per_task seeds it with the run's task seeds
         self.actor = Actor(n_tasks, obs_dim, act_dim, hidden)
         self.critic = self.make_critic(n_tasks, obs_dim, act_dim, hidden)
         self.critic_target = self.make_critic(n_tasks, obs_dim, act_dim, hidden)
@@ -112,12 +114,12 @@ class SAC(nn.Module):
     def act(self, obs):
         """obs [T, E, obs_dim] -> sampled action, and the policy's mean and std in action space."""
         mu, log_std = self.actor(obs)  # one forward pass for the action and the stored moments
-        action, _ = self.actor.sample_from(mu, log_std)
+        action, _ = self.actor.sample_from(mu, log_std, self.rng)
         return (action, *self.actor.squashed_moments(mu, log_std))
 
     def update_critic(self, obs, act, rew, next_obs):
         with torch.no_grad():
-            next_act, next_log_prob = self.actor.sample(next_obs)
+            next_act, next_log_prob = self.actor.sample(next_obs, self.rng)
             next_q = self.critic_target(next_obs, next_act).min(dim=1).values
             target = rew + self.gamma * (next_q - self.log_alpha.exp() * next_log_prob)
         q = self.critic(obs, act)
@@ -134,7 +136,7 @@ class SAC(nn.Module):
         return q.min(dim=1).values
 
     def update_actor_and_alpha(self, obs):
-        action, log_prob = self.actor.sample(obs)
+        action, log_prob = self.actor.sample(obs, self.rng)
         q = self.policy_q(self.critic(obs, action))
         alpha = self.log_alpha.exp().detach()
         actor_loss = (alpha * log_prob - q).mean(-1).sum()
@@ -158,20 +160,19 @@ class SAC(nn.Module):
 UNIFORM_STD = 1 / math.sqrt(3)  # std of U(-1, 1): the "policy" of the warm-up steps
 
 
-def collect_and_learn(agent, vec, n_steps, args, desc, task_seeds=None):
+def collect_and_learn(agent, vec, n_steps, args, desc):
     """Run the agent on every env of `vec` for n_steps vector steps, learning as it goes (the same loop
-    serves SAC and DroQ, whose `update` differs). Returns the filled HistoryBuffer."""
+    serves SAC and DroQ, whose `update` differs). Every random draw comes from agent.rng, each task's
+    from its own stream. Returns the filled HistoryBuffer."""
     device = args.device
     buf = rl.HistoryBuffer(vec.n_tasks, vec.n_envs, n_steps, vec.horizon, vec.obs_dim, vec.act_dim, device)
     warmup = math.ceil(args.warmup / vec.n_envs)  # warm-up counted in transitions per task, like SB3
-    warmup_rngs = [torch.Generator().manual_seed(s)  # each task's own random actions (run: task_seed)
-                   for s in (range(vec.n_tasks) if task_seeds is None else task_seeds)]
     obs = torch.as_tensor(vec.reset(), device=device)
     shape = (vec.n_tasks, vec.n_envs, vec.act_dim)
     bar = tqdm(range(n_steps), desc=desc, unit="step", dynamic_ncols=True, mininterval=1.0)
     for t in bar:
         if t < warmup:  # uniformly random actions fill the buffer before learning starts
-            action = torch.stack([torch.rand(shape[1:], generator=g) for g in warmup_rngs]).to(device) * 2 - 1
+            action = agent.rng.rand(shape) * 2 - 1
             mean, std = torch.zeros(shape, device=device), torch.full(shape, UNIFORM_STD, device=device)
         else:
             action, mean, std = agent.act(obs)
@@ -181,7 +182,7 @@ def collect_and_learn(agent, vec, n_steps, args, desc, task_seeds=None):
         obs = torch.as_tensor(vec.reset(), device=device) if episode_over else next_obs
         if t >= warmup:
             for _ in range(args.gradient_steps):
-                agent.update(*buf.sample(args.batch_size, args.buffer_size))
+                agent.update(*buf.sample(args.batch_size, args.buffer_size, agent.rng))
         if episode_over:  # show the mean return of the episode that just ended
             last_return = buf.rew[:, :, t + 1 - vec.horizon:t + 1].sum(-1).mean().item()
             bar.set_postfix(ret=f"{last_return:.2f}", refresh=False)
@@ -191,7 +192,11 @@ def collect_and_learn(agent, vec, n_steps, args, desc, task_seeds=None):
 
 def build_parser(algo, description):
     """The off-policy scripts' command line (sac.py, droq.py): Appendix A's defaults."""
-    p = rl.base_parser(algo, description)
+    return add_options(rl.base_parser(algo, description))
+
+
+def add_options(p):
+    """SAC's own options, on any parser (the RL scripts', expert.py's)."""
     p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
     p.add_argument("--batch-size", type=envs.positive_int, default=256, help="replay minibatch per task")
     p.add_argument("--warmup", type=int, default=400, help="random-action steps per task before learning")

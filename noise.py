@@ -1,0 +1,164 @@
+"""Noise-distilled learning histories (AD-eps: Zisman et al. 2023, "Emergence of In-Context Reinforcement
+Learning from Noise Distillation"; Vintix, 2025, for continuous actions).
+
+A history that no learner made: a task-conditioned expert (expert.py) acts on a training task with its
+actions mixed with uniform noise,
+    a = (1 - eps) a*(s, task) + eps u,   u ~ U(-1, 1)^act_dim,
+and eps is annealed from 1 (random actions) towards 0 over the first episodes of each stream, then held
+at 0 for the last --clean share of them: eps_e = (1 - e / n_noisy) ** --power. The return rises episode
+by episode as in an RL learning history, and AD learns to climb it in context. It costs rollouts only:
+minutes per env where the RL scripts take hours. What AD must fit is then a function of the task and
+eps, not of an RL learner's changing weights.
+
+What AD is trained to output (--target; the histories' act_mean and act_std):
+  expert     the expert's action a* at every step, the context unchanged (relabelled, as the
+             Decision-Pretrained Transformer (Lee et al. 2023) and Vintix do), std --expert-std;
+  behaviour  the behaviour's own distribution: mean (1 - eps) a*, std eps / sqrt(3) (AD-eps as written),
+             floored at --expert-std.
+The files are the RL scripts' format (envs.save_history, algo "noise"), so ad.py reads them as they are.
+The settings, eps per episode and the expert's path go to noise.json beside them: ad.py keeps it in its
+checkpoint, and evaluate.py then scores against the expert's noise-free return on the same test tasks.
+Each task's noise comes from its own seed, so a task's history does not depend on --parallel; tasks are
+written --parallel at a time and a killed run resumes from the tasks not yet written.
+
+    python noise.py --env half_cheetah_vel             # expert at checkpoints/experts/ENV -> data/ENV/noise_expert
+    python noise.py --env point_goal --target behaviour --tasks 20 --episodes 40
+    python ad.py --env half_cheetah_vel --data data/half_cheetah_vel/noise_expert --k 1
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import envs
+import expert as experts
+
+UNIFORM_STD = 1 / np.sqrt(3)  # std of U(-1, 1)
+
+
+def epsilon_schedule(n_episodes, clean=0.2, power=1.5):
+    """eps per episode: from 1 at the first episode down towards 0 over the first round(n (1 - clean))
+    episodes, then 0 for the rest (the last one is always noise-free)."""
+    n_noisy = min(n_episodes - 1, int(round(n_episodes * (1 - clean))))
+    noisy = (1 - np.arange(n_noisy) / n_noisy) ** power if n_noisy else np.zeros(0)
+    return np.concatenate([noisy, np.zeros(n_episodes - n_noisy)]).astype(np.float32)
+
+
+def noise_histories(expert, name, tasks, task_ids, eps, streams, target, expert_std, seed):
+    """Roll the expert out with annealed noise on `tasks` (streams copies each) for len(eps) episodes.
+    Returns one dict of history arrays per task, as envs.save_history takes them."""
+    vec = envs.MultiTaskVecEnv(name, tasks, streams, seed=seed, task_ids=task_ids)
+    rngs = [np.random.default_rng([seed, i, 0x0E5]) for i in task_ids]  # per task: independent of chunking
+    shown = np.repeat(tasks[:, None], streams, 1)
+    T, E, H, A = len(tasks), streams, vec.horizon, vec.act_dim
+    arrays = {"obs": np.zeros((T, E, len(eps), H, vec.obs_dim), np.float32), "rew": np.zeros((T, E, len(eps), H), np.float32),
+              **{key: np.zeros((T, E, len(eps), H, A), np.float32) for key in ("act", "act_mean", "act_std")}}
+    for e, epsilon in enumerate(eps):
+        obs = vec.reset()
+        for t in range(H):
+            # one call per task: a matmul's rounding depends on its row count, and a task's history must
+            # not depend on the tasks rolled out beside it
+            best = np.stack([expert(obs[i], shown[i]).numpy() for i in range(T)])
+            u = np.stack([rng.uniform(-1, 1, (E, A)) for rng in rngs])
+            act = (1 - epsilon) * best + epsilon * u  # a convex mix of two actions in [-1, 1]: no clip needed
+            if target == "expert":
+                mean, std = best, expert_std
+            else:
+                mean, std = (1 - epsilon) * best, max(epsilon * UNIFORM_STD, expert_std)
+            for key, value in (("obs", obs), ("act", act), ("act_mean", mean), ("act_std", std)):
+                arrays[key][:, :, e, t] = value
+            obs, arrays["rew"][:, :, e, t], _ = vec.step(act)
+    return [{key: value[i] for key, value in arrays.items()} for i in range(T)]
+
+
+def check_settings(out, settings):
+    """Write noise.json, or check that the one already in `out` (a resumed run) has the same settings."""
+    path = os.path.join(out, "noise.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            found = json.load(f)
+        if found != settings:
+            changed = sorted(k for k in settings if found.get(k) != settings[k])
+            raise ValueError(f"{out} holds noise histories made with other settings ({', '.join(changed)}): "
+                             f"use another --out or delete it")
+        return
+    envs.write_atomic(path, lambda f: f.write(json.dumps(settings, indent=1).encode()))
+
+
+def run(args):
+    expert = experts.load_expert(args.expert, env=args.env)
+    eps = epsilon_schedule(args.episodes, args.clean, args.power)
+    horizon = envs.env_settings(args.env).horizon
+    steps = args.streams * args.episodes * horizon
+    envs.prepare_out_dir(args.out)
+    settings = {"env": args.env, "expert": args.expert, "target": args.target, "tasks": args.tasks,
+                "streams": args.streams, "episodes": args.episodes, "clean": args.clean, "power": args.power,
+                "expert_std": args.expert_std, "seed": args.seed, "eps": eps.round(4).tolist()}
+    check_settings(args.out, settings)
+    tasks = envs.sample_tasks(args.env, args.tasks, "train", seed=args.seed)
+    todo = envs.pending_tasks(args.out, tasks, env=args.env, algo="noise", seed=args.seed, steps=steps)
+    print(f"noise histories on {args.env}: {args.tasks} tasks x {args.streams} streams x {args.episodes} episodes "
+          f"(eps 1 -> 0 over {int((eps > 0).sum())}), target {args.target}, {len(todo)} to do -> {args.out}")
+    t0 = time.perf_counter()
+    for start in tqdm(range(0, len(todo), args.parallel), desc="tasks", unit="chunk", disable=not todo):
+        chunk = todo[start:start + args.parallel]
+        histories = noise_histories(expert, args.env, tasks[chunk], chunk, eps, args.streams, args.target,
+                                    args.expert_std, args.seed)
+        for i, history in zip(chunk, histories):
+            envs.save_history(envs.history_path(args.out, i), **history, task=tasks[i], env=args.env,
+                              algo="noise", seed=args.seed, steps=steps)
+    returns = np.stack([envs.load_history(envs.history_path(args.out, i))["rew"].sum(-1).mean(0)
+                        for i in range(args.tasks)]).mean(0)
+    print(f"{time.perf_counter() - t0:.0f} s; mean return of the first episode {returns[0]:.2f}, "
+          f"of the last (noise-free) {returns[-1]:.2f}")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--env", default="reacher_goal", choices=list(envs.ENVS), help="meta-RL task family")
+    p.add_argument("--expert", default=None, help="expert.py's output; None: checkpoints/experts/ENV")
+    p.add_argument("--target", default="expert", choices=("expert", "behaviour"),
+                   help="what AD is trained to output: the expert's action (relabelled) or the behaviour's")
+    p.add_argument("--tasks", type=envs.positive_int, default=None, help="training tasks; None: ENVS[env]'s")
+    p.add_argument("--streams", type=envs.positive_int, default=5, help="histories per task")
+    p.add_argument("--episodes", type=envs.positive_int, default=40, help="episodes per history")
+    p.add_argument("--clean", type=float, default=0.2, help="share of noise-free episodes at the end")
+    p.add_argument("--power", type=float, default=1.5, help="eps_e = (1 - e / n_noisy) ** power")
+    p.add_argument("--expert-std", type=float, default=0.05,
+                   help="std of the relabelled target (and the floor of the behaviour's)")
+    p.add_argument("--parallel", type=envs.positive_int, default=10, help="tasks rolled out (and written) together")
+    p.add_argument("--seed", type=int, default=0, help="seeds the training tasks, envs and noise")
+    p.add_argument("--threads", type=envs.positive_int, default=1, help="torch CPU threads (the expert is tiny)")
+    p.add_argument("--out", default=None, help="None: data/ENV/noise_TARGET")
+    return p
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
+    if not 0 <= args.clean < 1:
+        sys.exit(f"error: --clean {args.clean} must be in [0, 1)")
+    if args.expert_std <= 0:
+        sys.exit(f"error: --expert-std {args.expert_std} must be positive")
+    args.tasks = args.tasks or envs.env_settings(args.env).train_tasks
+    args.expert = args.expert or os.path.join("checkpoints", "experts", args.env)
+    args.out = args.out or os.path.join("data", args.env, f"noise_{args.target}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    try:
+        run(args)
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
