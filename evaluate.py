@@ -80,7 +80,10 @@ def expert_reference(meta, tasks, returns, args):
     tasks the model's last 5 episodes beat it. None for RL histories."""
     if "noise" not in meta:
         return None
-    expert = experts.load_expert(meta["noise"]["expert"], env=meta["env"])
+    path = meta["noise"]["expert"]
+    if not os.path.isabs(path) and not os.path.exists(path):  # a shipped checkpoint names the repository's
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), path)
+    expert = experts.load_expert(path, env=meta["env"])
     own = experts.expert_returns(expert, tasks, n_envs=args.seeds, seed=args.seed)
     told = experts.expert_returns(expert, tasks, n_envs=args.seeds, seed=args.seed,
                                   told=experts.mean_task(meta["env"]))

@@ -1236,8 +1236,9 @@ def test_evaluate_scores_a_baseline_results_file(tmp_path, capsys):
     assert "not run on the test tasks" in str(e.value.code)
 
 
-SHIPPED = sorted(os.path.relpath(os.path.dirname(p), HERE)
-                 for p in glob.glob(os.path.join(HERE, "checkpoints", "*", "*", "ckpt.pt")))
+SHIPPED = sorted(os.path.relpath(os.path.dirname(p), HERE)  # checkpoints/ENV/ARCH and checkpoints/ENV/noise/ARCH
+                 for pattern in (("*", "*"), ("*", "noise", "*"))
+                 for p in glob.glob(os.path.join(HERE, "checkpoints", *pattern, "ckpt.pt")))
 
 
 @pytest.mark.parametrize("directory", SHIPPED)
@@ -1250,7 +1251,10 @@ def test_shipped_checkpoints_load_safely_and_evaluate(directory, tmp_path):
     result = json.load(open(tmp_path / "eval.json"))
     returns = np.asarray(result["returns"])
     assert returns.shape == (2, 1, 3) and np.isfinite(returns).all()
-    assert result["env"] == directory.split(os.sep)[1] and result["arch"] == directory.split(os.sep)[2]
+    parts = directory.split(os.sep)
+    assert result["env"] == parts[1] and result["arch"] == parts[-1]
+    if "noise" in parts:  # scored against its expert, shipped beside it
+        assert result["summary"]["source_final_from"] == "the expert, noise-free, on these test tasks"
 
 
 def test_evaluate_rolls_a_windowed_model_out_within_its_window(tmp_path):
