@@ -151,11 +151,10 @@ def train(args):
 
 
 def save(expert, info, out):
-    os.makedirs(out, exist_ok=True)
+    """expert.pt (the actor and its config) and expert.json (`info`), each written atomically."""
     envs.write_atomic(expert_path(out), lambda f: torch.save({"config": expert.config,
                                                             "actor": expert.actor.state_dict()}, f))
-    with open(os.path.join(out, "expert.json"), "w") as f:
-        json.dump(info, f, indent=1)
+    envs.write_atomic(os.path.join(out, "expert.json"), lambda f: f.write(json.dumps(info, indent=1).encode()))
 
 
 def build_parser():
