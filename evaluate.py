@@ -18,6 +18,11 @@ final return; and against the random policy alone (0 = random), which flatters t
 still is far above random (Reacher, Ant-Dir). Where the goal is a place, it also gives how far the traced
 point (the point, the fingertip, Pusher's cylinder) ends the first and the last 5 episodes from that goal.
 
+The reward-blind control (on by default, --no-blind skips it) plays the same rollouts again with the reward
+slot of every token set to 0: its strict score, and strict minus it, show how much of the score comes from
+reading rewards. For AD on noise histories (noise.py) the strict score's 1 is their expert's noise-free
+return on the same test tasks, and the expert told the task distribution's mean is reported beside it.
+
 A model trained on N-token windows (`ad.py --context N`) sees at most N tokens in its rollout, whatever
 its architecture (ad.SlidingContext); `--unbounded-context` lifts the bound, for comparison.
 

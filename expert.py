@@ -10,8 +10,8 @@ from the task distribution at every episode, so that one network acts well on ev
 test tasks included.
 
 SAC for every env, also where the paper's source algorithm is PPO (Pusher) or DroQ (Ant): the expert is
-not a learning history, only a good policy, and off-policy SAC reaches one in the fewest env steps of the
-three here. One network learns all tasks (sac.py's task axis has length 1; its n_envs envs each play
+not a learning history, only a good policy, and one off-policy learner for every env keeps this file
+short (each shipped expert's returns are in the expert.json beside it). One network learns all tasks (sac.py's task axis has length 1; its n_envs envs each play
 their own task), with the per-env SAC settings of envs.ENVS and the expert's own in ENVS[env].expert.
 
 Only the actor is kept (checkpoints/experts/ENV/expert.pt, loaded with weights_only=True) and it acts
