@@ -35,7 +35,6 @@ import math
 import os
 import pickle
 import sys
-import tempfile
 
 import numpy as np
 import torch
@@ -345,18 +344,8 @@ def strict_floor(zero_return, random_return):
 # ----------------------------------------------------------------------------- checkpoints
 
 def save_atomic(obj, path):
-    """torch.save to a temp file in the same directory, then rename: a kill never leaves half a file."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """torch.save, atomically: a kill never leaves half a checkpoint (envs.write_atomic)."""
+    envs.write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(path, arch=None, device="cpu"):
@@ -583,8 +572,7 @@ def train(args):
             save_atomic({**checkpoint(it + 1), "optimizer": optimizer.state_dict(),
                          "generator": generator.get_state(), "torch_rng": torch.get_rng_state()},
                         os.path.join(out_dir, "last.pt"))
-            with open(os.path.join(out_dir, "log.json"), "w") as f:
-                json.dump(log, f, indent=1)
+            envs.write_json_atomic(os.path.join(out_dir, "log.json"), log, indent=1)
             tqdm.write(f"update {it + 1}: loss {entry['loss']:.4f}, held-out loss {entry['val_loss']:.4f}, "
                        f"validation return first {entry['val_first_episode']:.2f} -> last 5 {entry['val_last5']:.2f}"
                        f" (score {score:.2f}, best {best:.2f})")

@@ -20,6 +20,7 @@ stepped in one call) and `save_history` / `load_history` (the .npz contract betw
 and ad.py).
 """
 import argparse
+import json
 import os
 import tempfile
 import warnings
@@ -547,6 +548,11 @@ def write_atomic(path, write):
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def write_json_atomic(path, obj, indent=None):
+    """json.dump `obj` to `path`, atomically (write_atomic)."""
+    write_atomic(path, lambda f: f.write(json.dumps(obj, indent=indent).encode()))
 
 
 def load_history(path):

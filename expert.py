@@ -23,7 +23,6 @@ the task gets); both go to expert.json beside it.
     python expert.py --env point_goal --steps 20000 --out /tmp/pg_expert
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -154,7 +153,7 @@ def save(expert, info, out):
     """expert.pt (the actor and its config) and expert.json (`info`), each written atomically."""
     envs.write_atomic(expert_path(out), lambda f: torch.save({"config": expert.config,
                                                             "actor": expert.actor.state_dict()}, f))
-    envs.write_atomic(os.path.join(out, "expert.json"), lambda f: f.write(json.dumps(info, indent=1).encode()))
+    envs.write_json_atomic(os.path.join(out, "expert.json"), info, indent=1)
 
 
 def build_parser():

@@ -48,7 +48,6 @@ that these rates suit every env's reward scale.
 """
 import argparse
 import glob
-import json
 import math
 import os
 import sys
@@ -384,9 +383,7 @@ def run(args):
               "seeds": args.seeds, "returns": returns.tolist(), "source_final": final, "source_curve": curve,
               "algo": data["algo"], "k": args.k, "adaptation": adaptation, "return_before_adaptation": before,
               "train_seconds": train_seconds, "log": log, "args": vars(args)}
-    with open(os.path.join(out, "results.json.tmp"), "w") as f:
-        json.dump(result, f)
-    os.replace(os.path.join(out, "results.json.tmp"), os.path.join(out, "results.json"))  # never half a file
+    envs.write_json_atomic(os.path.join(out, "results.json"), result)  # never half a file
     print(f"meta-trained in {train_seconds:.0f} s; on {args.tasks} test tasks x {args.seeds} seeds: return "
           f"{before:.2f} before adaptation, {returns.mean():.2f} after ({data['algo']} final {final:.2f}); "
           f"score with `python evaluate.py {out}`")

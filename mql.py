@@ -40,11 +40,9 @@ the SAC that made AD's data; MQL itself ran millions of steps per environment.
 """
 import argparse
 import copy
-import json
 import math
 import os
 import sys
-import tempfile
 import time
 
 import torch
@@ -354,15 +352,6 @@ def evaluate(meta, replay, args, tasks):
 
 # ----------------------------------------------------------------------------- the run
 
-def save_json(obj, path):
-    """json.dump to a temp file, then rename: a kill never leaves half a results file."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
 def run(args):
     settings = envs.env_settings(args.env)
     data_dir = args.data or os.path.join("data", args.env, settings.algo)
@@ -397,7 +386,7 @@ def run(args):
                   seeds=args.test_seeds, returns=returns.tolist(), source_final=final, source_curve=curve,
                   algo=data["algo"], k=args.k, adaptation=adaptation, meta_train_env_steps=meta_steps,
                   meta_train_updates=meta_updates, seconds=time.perf_counter() - t0, args=vars(args))
-    save_json(result, os.path.join(args.out, "results.json"))
+    envs.write_json_atomic(os.path.join(args.out, "results.json"), result)
     print(f"test tasks ({time.perf_counter() - t1:.0f} s): return per episode "
           f"{' '.join(f'{r:.1f}' for r in returns.mean((0, 1)))}; {data['algo']} final {final:.2f}")
     print(f"wrote {args.out}/results.json; score it with `python evaluate.py {args.out}`")

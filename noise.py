@@ -87,7 +87,7 @@ def check_settings(out, settings):
             raise ValueError(f"{out} holds noise histories made with other settings ({', '.join(changed)}): "
                              f"use another --out or delete it")
         return
-    envs.write_atomic(path, lambda f: f.write(json.dumps(settings, indent=1).encode()))
+    envs.write_json_atomic(path, settings, indent=1)
 
 
 def run(args):
