@@ -89,9 +89,7 @@ def expert_reference(meta, tasks, returns, args):
     if not os.path.isabs(path) and not os.path.exists(path):  # a shipped checkpoint names the repository's
         path = os.path.join(os.path.dirname(os.path.abspath(__file__)), path)
     expert = experts.load_expert(path, env=meta["env"])
-    own = experts.expert_returns(expert, tasks, n_envs=args.seeds, seed=args.seed)
-    told = experts.expert_returns(expert, tasks, n_envs=args.seeds, seed=args.seed,
-                                  told=experts.mean_task(meta["env"]))
+    own, told, _ = experts.own_and_told(expert, tasks, n_envs=args.seeds, seed=args.seed)
     beats = returns[:, :, -5:].mean((1, 2)) > told
     return {"expert": meta["noise"]["expert"], "expert_return": float(own.mean()),
             "told_mean_task_per_task": told.tolist(), "told_mean_task": float(told.mean()),

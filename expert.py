@@ -122,15 +122,21 @@ def mean_task(name, n=10_000):
     return envs.sample_tasks(name, n, "train", seed=12345).mean(0)
 
 
+def own_and_told(expert, tasks, n_envs=3, seed=0):
+    """Per-task returns [n_tasks] of the expert shown each task, and shown the distribution's mean instead."""
+    told = mean_task(expert.config["env"])
+    return (expert_returns(expert, tasks, n_envs, seed),
+            expert_returns(expert, tasks, n_envs, seed, told=told), told)
+
+
 def score(expert, n_tasks=10, seed=0):
     """The expert on the env's test tasks (evaluate.py's: split "test", --seed), shown the task and shown
     the distribution's mean: the figures of expert.json."""
-    name = expert.config["env"]
-    tasks = envs.sample_tasks(name, n_tasks, "test", seed=seed)
-    own, blind = expert_returns(expert, tasks, seed=seed), expert_returns(expert, tasks, seed=seed, told=mean_task(name))
+    tasks = envs.sample_tasks(expert.config["env"], n_tasks, "test", seed=seed)
+    own, blind, told = own_and_told(expert, tasks, seed=seed)
     return {"test_tasks": n_tasks, "test_seed": seed, "test_return": float(own.mean()),
             "test_return_per_task": own.tolist(), "told_mean_task_return": float(blind.mean()),
-            "told_mean_task_return_per_task": blind.tolist(), "mean_task": mean_task(name).tolist()}
+            "told_mean_task_return_per_task": blind.tolist(), "mean_task": told.tolist()}
 
 
 def train(args):

@@ -37,8 +37,7 @@ from tqdm import tqdm
 
 import envs
 import expert as experts
-
-UNIFORM_STD = 1 / np.sqrt(3)  # std of U(-1, 1)
+import sac
 
 
 def epsilon_schedule(n_episodes, clean=0.2, power=1.5):
@@ -69,7 +68,7 @@ def noise_histories(expert, name, tasks, task_ids, eps, streams, target, expert_
             if target == "expert":
                 mean, std = best, expert_std
             else:
-                mean, std = (1 - epsilon) * best, max(epsilon * UNIFORM_STD, expert_std)
+                mean, std = (1 - epsilon) * best, max(epsilon * sac.UNIFORM_STD, expert_std)
             for key, value in (("obs", obs), ("act", act), ("act_mean", mean), ("act_std", std)):
                 arrays[key][:, :, e, t] = value
             obs, arrays["rew"][:, :, e, t], _ = vec.step(act)
