@@ -47,7 +47,10 @@ import mamba
 import transformer
 
 ARCHS = ("mamba", "transformer", "hybrid")
-LOG_STD_MIN, LOG_STD_MAX = -5.0, 1.0
+# Bounds of the Gaussian action head's log-std, in the [-1, 1] action box itself (sac.PRE_TANH_LOG_STD bounds
+# a spread that tanh squashes afterwards). The floor, std 0.007, keeps the NLL finite where the target has no
+# spread (histories without a stored policy: act_std = 0); the cap, std 2.7, already covers the whole box.
+HEAD_LOG_STD = (-5.0, 1.0)
 
 
 class DataError(ValueError):
@@ -94,8 +97,8 @@ def downsample(history, k, offsets=1):
     offsets > 1 reads each stream again from later start episodes spread over those that keep as many
     episodes as start 0 (all of [0, k) when k divides the episodes: k = 50, offsets = 5 starts at 0, 10, 20,
     30, 40), one stream each, appended on the stream axis. Every such stream is the learning history
-    downsampled k-fold, as faithful as the first: more streams from the same source runs (on Pusher a lower
-    held-out loss, not better rollouts: RESULTS.md, "Pusher-Goal in context")."""
+    downsampled k-fold, as faithful as the first: more streams from the same source runs (on Pusher they
+    lowered the held-out loss, not the rollouts' score)."""
     n_episodes = history["rew"].shape[1]
     n_starts = (n_episodes - 1) % k + 1  # starts 0 .. n_starts - 1 keep ceil(n_episodes / k) episodes
     if offsets > n_starts:
@@ -225,7 +228,7 @@ def policy_head(out, loss):
     if loss == "mse":
         return out, None
     mean, log_std = out.chunk(2, dim=-1)
-    return mean, log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
+    return mean, log_std.clamp(*HEAD_LOG_STD)
 
 
 def action_loss(out, targets, loss):
@@ -486,8 +489,62 @@ RUN_DEFAULTS = {"offsets": 1}  # what a checkpoint from before a key existed was
 
 def train(args):
     """Train AD; under torchrun, with DistributedDataParallel (gloo on CPU, NCCL on CUDA, or --dist-backend):
-    every process holds the training streams (they fit: about 0.2 GB for Pusher's paper-scale data by our count, not measured) and
-    trains on its slice of each global batch; rank 0 alone validates and writes checkpoints."""
+    every process holds the training streams (they fit: about 0.2 GB for Pusher at the paper's scale) and
+    trains on its slice of each global batch; rank 0 alone validates and writes checkpoints. Returns the
+    best validation score."""
+    rank, world = init_processes(args)
+    train_set, held_set, model_config, meta = prepare(args)
+    out_dir = args.out or os.path.join("out", args.env, args.arch)
+    model, optimizer, generator, (start, best, log) = init_run(args, model_config, meta, out_dir, world)
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    n_streams, L = train_set[0].shape[:2]
+    total = args.epochs * iters_per_epoch(n_streams, L, args, world)
+    validation = Validation(args, meta, held_set)
+    if rank == 0:
+        print(f"AD-{args.arch} on {args.env}: {n_streams} training streams of {L} tokens ({meta['episodes']} "
+              f"episodes, k={args.k}) from {meta['n_tasks'] - meta['holdout_tasks']} tasks, {len(held_set[0])} "
+              f"held-out streams; {total} updates of {args.batch_size * world} samples ({args.batch_size} per "
+              f"process x {world}); device {args.device}, {'bf16' if args.bf16 else 'fp32'} matmuls -> {out_dir}")
+        print(validation.describe())
+
+    bar = tqdm(range(start, total), initial=start, total=total, desc=f"AD-{args.arch}", disable=rank > 0)
+    model.train()
+    loss_sum, n_summed = torch.zeros((), device=args.device), 0  # the losses since the last read, on the device
+    for it in bar:
+        loss = update(ddp, model, optimizer, lr_at(it, total, args),
+                      sample_batch(*train_set, args, generator, rank, world), args)
+        loss_sum += loss
+        n_summed += 1
+        evaluating = (it + 1) % args.eval_every == 0 or it + 1 == total
+        if evaluating or (it + 1) % LOSS_READ_EVERY == 0:
+            mean_loss, last_loss = read_losses(torch.stack([loss_sum / n_summed, loss]), world,
+                                               first=it + 1 - n_summed, last=it)
+            loss_sum.zero_()
+            n_summed = 0
+            bar.set_postfix(loss=f"{mean_loss:.4f}", best=f"{best:.2f}", refresh=False)
+        if evaluating and rank == 0:
+            entry = validation(model, it + 1, last_loss)
+            log.append(entry)
+            improved = entry["val_score"] > best
+            if improved:
+                best = entry["val_score"]
+            state = {"model_config": model_config, "model": model.state_dict(), "meta": meta, "args": vars(args),
+                     "iter": it + 1, "best_score": best, "log": log, "world_size": world}
+            save_checkpoints(out_dir, state, optimizer, generator, improved)
+            tqdm.write(f"update {it + 1}: loss {entry['loss']:.4f}, held-out loss {entry['val_loss']:.4f}, "
+                       f"validation return first {entry['val_first_episode']:.2f} -> last 5 {entry['val_last5']:.2f}"
+                       f" (score {entry['val_score']:.2f}, best {best:.2f})")
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    if rank == 0:
+        print(f"best validation score {best:.2f}; checkpoint {out_dir}/ckpt.pt; evaluate with "
+              f"`python evaluate.py {out_dir}`")
+    return best
+
+
+def init_processes(args):
+    """This process's (rank, world size); under torchrun it joins the process group that DDP averages the
+    gradients over."""
     rank, world = envs.dist_env()
     device = torch.device(args.device)
     if device.type == "cuda" and device.index is not None:  # NCCL and Triton launch on the *current* GPU:
@@ -495,8 +552,12 @@ def train(args):
     if world > 1:
         auto = "nccl" if device.type == "cuda" else "gloo"
         torch.distributed.init_process_group(auto if args.dist_backend == "auto" else args.dist_backend)
-    train_set, held_set, model_config, meta = prepare(args)
-    out_dir = args.out or os.path.join("out", args.env, args.arch)
+    return rank, world
+
+
+def init_run(args, model_config, meta, out_dir, world):
+    """The model, its optimiser and the generator of batches and token noise: new and seeded by --seed, or
+    with --resume as out_dir/last.pt left them. Also where the run stands: (next update, best score, log)."""
     os.makedirs(out_dir, exist_ok=True)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -505,82 +566,70 @@ def train(args):
     model = build_model(model_config).to(args.device)
     optimizer = make_optimizer(model, args)
     generator = torch.Generator(args.device).manual_seed(args.seed)  # batches and noise drawn where they are used
-    n_streams, L = train_set[0].shape[:2]
-    total = args.epochs * iters_per_epoch(n_streams, L, args, world)
-    start, best, log = 0, -math.inf, []
+    last = os.path.join(out_dir, "last.pt")
     if args.resume:
-        start, best, log = resume(os.path.join(out_dir, "last.pt"), model, optimizer, generator, model_config, meta,
-                                  world)
-    elif os.path.exists(os.path.join(out_dir, "last.pt")):  # never overwrite a run's best checkpoint silently
+        progress = resume(last, model, optimizer, generator, model_config, meta, world)
+    elif os.path.exists(last):  # never overwrite a run's best checkpoint silently
         raise DataError(f"{out_dir} already holds a run: pass --resume to continue it, or another --out")
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    else:
+        progress = 0, -math.inf, []
+    return model, optimizer, generator, progress
 
-    val_tasks = envs.sample_tasks(args.env, args.val_tasks, "val", seed=args.seed)
-    zero_return, random_return = (envs.baseline_return(args.env, val_tasks, p) for p in ("zero", "random"))
-    floor = strict_floor(zero_return, random_return)
-    window = rollout_window(meta)  # validation sees what training saw: the window, or whole streams (None)
-    log_line = print if rank == 0 else (lambda *a, **k: None)
-    log_line(f"AD-{args.arch} on {args.env}: {n_streams} training streams of {L} tokens ({meta['episodes']} episodes, "
-             f"k={args.k}) from {meta['n_tasks'] - meta['holdout_tasks']} tasks, {len(held_set[0])} held-out streams; "
-             f"{total} updates of {args.batch_size * world} samples ({args.batch_size} per process x {world}); "
-             f"device {args.device}, {'bf16' if args.bf16 else 'fp32'} matmuls -> {out_dir}")
-    # What copying the source's kept episodes would score: a k too large keeps too few of its late ones.
-    ceiling = float(normalised(np.mean(meta["source_curve"][-5:]), floor, meta["source_final"]))
-    log_line(f"validation: {args.val_tasks} tasks; zero action {zero_return:.2f}, random policy {random_return:.2f}, "
-             f"source {meta['algo']} final {meta['source_final']:.2f} (strict score: {floor:.2f} = 0, source = 1); "
-             f"the source's last 5 kept episodes would score {ceiling:.2f}")
 
-    def checkpoint(it):
-        return {"model_config": model_config, "model": model.state_dict(), "meta": meta, "args": vars(args),
-                "iter": it, "best_score": best, "log": log, "world_size": world}
+def update(ddp, model, optimizer, lr, batch, args):
+    """One AdamW step at learning rate lr on a batch (tokens, targets), matmuls in --dtype's precision, the
+    gradient norm clipped; returns the loss, left on the device (reading it would wait for the device)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    tokens, targets = batch
+    with envs.autocast(args.device, args.bf16):
+        loss = training_loss(ddp, tokens, targets, args.loss)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    optimizer.step()
+    return loss.detach()
 
-    bar = tqdm(range(start, total), initial=start, total=total, desc=f"AD-{args.arch}", disable=rank > 0)
-    model.train()
-    loss_sum, n_summed = torch.zeros((), device=args.device), 0  # the losses since the last read, on the device
-    for it in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(it, total, args)
-        tokens, targets = sample_batch(*train_set, args, generator, rank, world)
-        with envs.autocast(args.device, args.bf16):
-            loss = training_loss(ddp, tokens, targets, args.loss)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        optimizer.step()
-        loss_sum += loss.detach()
-        n_summed += 1
-        evaluating = (it + 1) % args.eval_every == 0 or it + 1 == total
-        if evaluating or (it + 1) % LOSS_READ_EVERY == 0:
-            mean_loss, last_loss = read_losses(torch.stack([loss_sum / n_summed, loss.detach()]), world,
-                                               first=it + 1 - n_summed, last=it)
-            loss_sum.zero_()
-            n_summed = 0
-            bar.set_postfix(loss=f"{mean_loss:.4f}", best=f"{best:.2f}", refresh=False)
-        if evaluating and rank == 0:
-            model.eval()
-            returns = rollout(model, meta, val_tasks, meta["episodes"], n_seeds=args.val_seeds,
-                              action_mode=args.action_mode, seed=args.seed, device=args.device, window=window)
-            model.train()
-            score = float(normalised(returns[:, :, -5:].mean(), floor, meta["source_final"]))
-            entry = {"iter": it + 1, "loss": last_loss,
-                     "val_loss": validation_loss(model, *held_set, args.loss, window=window), "val_score": score,
-                     "val_first_episode": float(returns[:, :, 0].mean()), "val_last5": float(returns[:, :, -5:].mean())}
-            log.append(entry)
-            if score > best:
-                best = score
-                save_atomic(checkpoint(it + 1), os.path.join(out_dir, "ckpt.pt"))
-            save_atomic({**checkpoint(it + 1), "optimizer": optimizer.state_dict(),
-                         "generator": generator.get_state(), "torch_rng": torch.get_rng_state()},
-                        os.path.join(out_dir, "last.pt"))
-            envs.write_json_atomic(os.path.join(out_dir, "log.json"), log, indent=1)
-            tqdm.write(f"update {it + 1}: loss {entry['loss']:.4f}, held-out loss {entry['val_loss']:.4f}, "
-                       f"validation return first {entry['val_first_episode']:.2f} -> last 5 {entry['val_last5']:.2f}"
-                       f" (score {score:.2f}, best {best:.2f})")
-    if world > 1:
-        torch.distributed.destroy_process_group()
-    log_line(f"best validation score {best:.2f}; checkpoint {out_dir}/ckpt.pt; evaluate with "
-             f"`python evaluate.py {out_dir}`")
-    return best
+
+class Validation:
+    """What picks the checkpoint to keep: in-context rollouts on the validation tasks, scored by the strict
+    score of their last 5 episodes (the training loss is a poor signal of rollouts), and the held-out loss."""
+
+    def __init__(self, args, meta, held_set):
+        self.args, self.meta, self.held_set = args, meta, held_set
+        self.tasks = envs.sample_tasks(args.env, args.val_tasks, "val", seed=args.seed)
+        self.zero, self.random = (envs.baseline_return(args.env, self.tasks, p) for p in ("zero", "random"))
+        self.floor = strict_floor(self.zero, self.random)
+        self.window = rollout_window(meta)  # validation sees what training saw: the window, or whole streams (None)
+
+    def describe(self):
+        # What copying the source's kept episodes would score: a k too large keeps too few of its late ones.
+        ceiling = float(normalised(np.mean(self.meta["source_curve"][-5:]), self.floor, self.meta["source_final"]))
+        return (f"validation: {self.args.val_tasks} tasks; zero action {self.zero:.2f}, random policy "
+                f"{self.random:.2f}, source {self.meta['algo']} final {self.meta['source_final']:.2f} (strict score: "
+                f"{self.floor:.2f} = 0, source = 1); the source's last 5 kept episodes would score {ceiling:.2f}")
+
+    def __call__(self, model, it, loss):
+        """The log entry of update `it` (whose training loss was `loss`); leaves the model in training mode."""
+        args, meta = self.args, self.meta
+        model.eval()
+        returns = rollout(model, meta, self.tasks, meta["episodes"], n_seeds=args.val_seeds,
+                          action_mode=args.action_mode, seed=args.seed, device=args.device, window=self.window)
+        model.train()
+        return {"iter": it, "loss": loss,
+                "val_loss": validation_loss(model, *self.held_set, args.loss, window=self.window),
+                "val_score": float(normalised(returns[:, :, -5:].mean(), self.floor, meta["source_final"])),
+                "val_first_episode": float(returns[:, :, 0].mean()), "val_last5": float(returns[:, :, -5:].mean())}
+
+
+def save_checkpoints(out_dir, state, optimizer, generator, improved):
+    """ckpt.pt, the model evaluate.py reads, when the validation score `improved`; always last.pt, which adds
+    what --resume needs (the optimiser and random states), and log.json. Each written atomically."""
+    if improved:
+        save_atomic(state, os.path.join(out_dir, "ckpt.pt"))
+    save_atomic({**state, "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+                 "torch_rng": torch.get_rng_state()}, os.path.join(out_dir, "last.pt"))
+    envs.write_json_atomic(os.path.join(out_dir, "log.json"), state["log"], indent=1)
 
 
 # Updates between reads of the loss: a read waits for the device to finish everything queued before it.
@@ -687,11 +736,10 @@ def build_parser():
 
 
 def parse_args(argv=None):
-    """Parse twice: first --env, whose ENVS row then sets the defaults of everything else."""
-    parser = build_parser()
-    settings = envs.ENVS[parser.parse_known_args(argv)[0].env]
-    parser.set_defaults(**settings.ad)
-    args = parser.parse_args(argv)
+    """The command line, with the defaults of --env's ENVS row (envs.parse_with_env_defaults); what is left
+    None there (k, the model's sizes, weight decay) comes from the row too, after the arch is known."""
+    args = envs.parse_with_env_defaults(build_parser(), argv, lambda env: envs.ENVS[env].ad)
+    settings = envs.ENVS[args.env]
     args.k = args.k or settings.k
     sizes = getattr(settings, args.arch)
     args.d_model = args.d_model or sizes["d_model"]
@@ -706,9 +754,9 @@ def parse_args(argv=None):
     # bf16 on CUDA by default: PyTorch's flash attention takes 16-bit inputs only (it pads head sizes such as
     # Reacher's 42 to a multiple of 8), and the fp32 memory-efficient kernel needs head sizes that are
     # multiples of 4, so fp32 at 42 dims a head falls back to attention that materialises [B, 4, T, T].
-    # On a CPU the default stays fp32: bf16 did not speed up ad.py's small models there (RESULTS.md).
+    # On a CPU the default stays fp32: on ad.py's small models bf16 gains little there, and often loses.
     args.dtype = args.dtype or ("auto" if torch.device(args.device).type == "cuda" else "fp32")
-    args.bf16 = args.dtype == "bf16" or (args.dtype == "auto" and envs.bf16_is_fast(args.device))
+    args.bf16 = envs.use_bf16(args.dtype, args.device)
     return args
 
 

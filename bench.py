@@ -2,7 +2,7 @@
 
     python bench.py rl [--algo sac|droq|ppo] --env reacher_goal --tasks 10 20 70 [--threads 1]
         Multi-task RL throughput: env steps per second when T tasks train together in one process
-        (sac.py's docstring, "Many tasks at once"), against one task alone (always measured first), with the
+        (rl.py's docstring, "Many tasks at once"), against one task alone (always measured first), with the
         script's own defaults for the env (ENVS overrides included).
     python bench.py scan [--shapes 16x128x400 8x256x1000] [--backends ref torch] [--threads 1]
         Mamba's selective scan: forward and backward milliseconds of each backend (mamba.selective_scan)
@@ -381,7 +381,8 @@ def build_parser():
     rollout.add_argument("--env", default="reacher_goal", choices=list(envs.ENVS), help="model sizes from ENVS")
     rollout.add_argument("--contexts", type=envs.positive_int, nargs="+", default=[1024, 4096, 16384, 65536])
     rollout.add_argument("--batch", type=envs.positive_int, default=10, help="rollouts stepped together")
-    rollout.add_argument("--steps", type=envs.positive_int, default=10, help="timed steps (DM-H: segments) per row (median)")
+    rollout.add_argument("--steps", type=envs.positive_int, default=10,
+                         help="timed steps (DM-H: segments) per row (median)")
     rollout.add_argument("--plot", default=os.path.join("figures", "rollout_latency.png"))
     rollout.add_argument("--threads", type=envs.positive_int, default=1)
     rollout.add_argument("--device", default="auto")

@@ -18,9 +18,8 @@ transition (lr 1e-4, batch 256, 400 warm-up steps, buffer 1e6): the default here
 ratio is 20 critic updates and 1 actor update per transition:
     python droq.py --env reacher_goal --n-envs 1 --gradient-steps 20 --policy-delay 20
 (33 times the critic updates per transition: far more sample-efficient, and far slower per env step on
-a CPU; both measured on Reacher in RESULTS.md). Dropout 0.01 is the DroQ paper's. The per-env
-overrides of envs.ENVS apply (on Ant-Dir, lr 1e-3 and an initial entropy weight of 0.1: measured, see
-RESULTS.md).
+a CPU; RESULTS.md compares the two on Reacher). Dropout 0.01 is the DroQ paper's. The per-env
+overrides of envs.ENVS apply (on Ant-Dir, lr 1e-3 and an initial entropy weight of 0.1; envs.py says why).
 
     python droq.py --env ant_dir --tasks 30           # -> data/ant_dir/droq/task_*.npz
 """
@@ -46,9 +45,9 @@ class TaskLayerNorm(nn.Module):
 
     def forward(self, x):
         # The affine in the normalised features' dtype: under bf16 autocast, fp32 weights would make this
-        # and its backward slow mixed-dtype kernels (RESULTS.md, "Scaling out"). CUDA's autocast would run
-        # layer_norm itself in fp32 (a CPU's keeps bf16): off for it, the norm stays in x's dtype everywhere
-        # (its kernels accumulate in fp32 all the same).
+        # and its backward slow mixed-dtype kernels. CUDA's autocast would run layer_norm itself in fp32
+        # (a CPU's keeps bf16): off for it, the norm stays in x's dtype everywhere (its kernels accumulate
+        # in fp32 all the same).
         with torch.autocast(x.device.type, enabled=False):
             y = F.layer_norm(x, x.shape[-1:])
         return torch.addcmul(self.bias.to(y.dtype), y, self.weight.to(y.dtype))

@@ -14,10 +14,10 @@ Every env: action space Box(-1, 1) (rescaled inside), fixed-length episodes (tru
 never terminated) so a history reshapes to [episodes, horizon, ...], and info["task"] carries the task.
 All are registered with gymnasium (`gymnasium.make("ReacherGoal-v0", task=...)`).
 
-This file also holds `ENVS` (the per-env paper settings every script takes its defaults from),
-`sample_tasks` (deterministic, disjoint train/val/test tasks), `MultiTaskVecEnv` (tasks x envs copies
-stepped in one call) and `save_history` / `load_history` (the .npz contract between the RL scripts
-and ad.py).
+This file also holds `ENVS` (the per-env paper settings every script takes its defaults from, through
+`parse_with_env_defaults`), `sample_tasks` (deterministic, disjoint train/val/test tasks),
+`MultiTaskVecEnv` (tasks x envs copies stepped in one call) and `save_history` / `load_history` (the
+.npz contract between the RL scripts and ad.py).
 """
 import argparse
 import json
@@ -289,15 +289,15 @@ class EnvSettings:
 # Appendix B's transformer table gives "embedding dim" 42 / 64 / 64 / 128 with 4 heads and no model
 # width. Read as the width per head (d_model = 4 x 42 = 168, ...), a pre-norm GPT with feed-forward 2048
 # has the table's parameter counts: 6.4M for Reacher (table: 6M), 11.8M for Pusher and Cheetah (12M);
-# Ant's 512 x 6 layers gives 18.9M against the table's 14M, which no reading we tried matches.
+# Ant's 512 x 6 layers gives 18.9M against the table's 14M, which no reading of the table matches.
 # Decision Mamba-Hybrid (hybrid.py) is not in the AD paper. Its segment length c follows DM-H Appendix B
 # (5 steps for its 20-step Grid World episodes, 20 for D4RL's long ones; 10 for Reacher's 50); its Mamba and
 # transformer share one width, sized to about the AD-Mamba's parameter count (ad.py --params matches exactly).
 ENVS = {
     # Not in the paper: the CPU demo. Rewards are about -1 per step, so an initial entropy weight of 1
-    # swamps them; small nets, lr 1e-3 and 4 updates per vector step solve it within 2,000 steps. The
-    # histories run to 4,000 steps (40 episodes per stream) so that, with k = 4, AD sees 10 episodes of
-    # which the later ones are converged: with 2,000 steps and k = 1 AD reached 0.67 of SAC (RESULTS.md).
+    # swamps them; small nets, lr 1e-3 and 4 updates per vector step solve it in the first half of the run.
+    # The histories run to 4,000 steps (40 episodes per stream) so that, with k = 4, AD sees 10 episodes of
+    # which the later ones are converged: shorter histories, kept whole, distil worse.
     "point_goal": EnvSettings(
         "PointGoal-v0", PointGoal, _point_goal, algo="sac", train_tasks=100, steps_per_task=4000,
         k=4, weight_decay=1e-4, mamba=dict(d_model=64, n_layer=3),
@@ -306,9 +306,10 @@ ENVS = {
         hybrid=dict(segment=5, d_model=48, n_layer=2, attn_layers=2, n_head=4, d_ff=168),  # 98,452 params
         rl=dict(sac=dict(lr=1e-3, alpha_init=0.1, hidden=64, gradient_steps=4),
                 droq=dict(lr=1e-3, alpha_init=0.1, hidden=64),
-                # PPO is on-policy and slow but steady: -4.7 after 100k steps per task (3 tasks; RESULTS.md)
+                # PPO is on-policy: slow but steady, it needs far more steps than SAC to solve the task
                 ppo=dict(steps=100_000)),
-        # 3,000 updates at lr 3e-3 (RESULTS.md: what we tried); Appendix B's 450 epochs are for 1e5-step data
+        # Appendix B's 450 epochs are for 1e5-step histories; on these short ones 100 epochs (3,000 updates)
+        # at a higher lr are enough for the demo, and half as many fall short
         ad=dict(lr=3e-3, epochs=100),
         expert=dict(steps=20_000, hidden=64, gradient_steps=4)),
     "reacher_goal": EnvSettings(
@@ -317,12 +318,12 @@ ENVS = {
         transformer=dict(d_model=168, n_layer=8, n_head=4, d_ff=2048),
         hybrid=dict(segment=10, d_model=288, n_layer=4, attn_layers=3, n_head=4, d_ff=1152),
         # Appendix A's lr 1e-4 with an initial alpha of 1 (SB3's default) lets the entropy bonus swamp
-        # rewards of about -0.2 per step for a whole 20k-step run (measured: -31 at 20k steps; -4.1
-        # with these settings; RESULTS.md). DroQ is SAC with other critics: the same reasons hold.
+        # rewards of about -0.2 per step for a whole 20k-step run; lr 1e-3 with alpha 0.1 learns within it.
+        # DroQ is SAC with other critics: the same reasons hold.
         rl=dict(sac=dict(lr=1e-3, alpha_init=0.1), droq=dict(lr=1e-3, alpha_init=0.1)),
         expert=dict(steps=150_000)),
-    # Appendix A's PPO learns Pusher as written: -200 -> -34 in 5e5 steps, steadily; SB3's reward scaling
-    # (--norm-reward) learns a little faster and ends a little higher on all 3 tasks measured (RESULTS.md).
+    # Appendix A's PPO learns Pusher as written, slowly and steadily; SB3's reward scaling (--norm-reward)
+    # learns a little faster and ends a little higher.
     "pusher_goal": EnvSettings(
         "PusherGoal-v0", PusherGoal, _pusher_goal, algo="ppo", train_tasks=35, steps_per_task=500_000,
         k=10, weight_decay=2e-4, mamba=dict(d_model=512, n_layer=8),
@@ -335,8 +336,8 @@ ENVS = {
         steps_per_task=400_000, k=8, weight_decay=5e-4, mamba=dict(d_model=512, n_layer=8),
         transformer=dict(d_model=256, n_layer=9, n_head=4, d_ff=2048),
         hybrid=dict(segment=20, d_model=448, n_layer=4, attn_layers=3, n_head=4, d_ff=1792),
-        # As on Reacher: with lr 1e-4 and alpha 1 the policy stays as wide as at the start (std 0.57)
-        # and the return flat at the random policy's for 40k steps; these rise: -504 -> -179 in 100k (RESULTS.md).
+        # As on Reacher: with lr 1e-4 and alpha 1 the policy stays as wide as at the start and the return
+        # flat at the random policy's; with these it rises.
         rl=dict(sac=dict(lr=1e-3, alpha_init=0.1)),
         expert=dict(steps=300_000)),
     "ant_dir": EnvSettings(
@@ -344,8 +345,8 @@ ENVS = {
         k=10, weight_decay=5e-4, mamba=dict(d_model=512, n_layer=8),
         transformer=dict(d_model=512, n_layer=6, n_head=4, d_ff=2048),
         hybrid=dict(segment=20, d_model=448, n_layer=4, attn_layers=3, n_head=4, d_ff=1792),
-        # Appendix A's lr 1e-4 and alpha 1: still at the random policy's return after 15k steps; with
-        # these the ant learns to stay up, then to walk (+250 at 30k steps; RESULTS.md).
+        # Appendix A's lr 1e-4 and alpha 1 leave the ant at the random policy's return; with these it
+        # learns to stay up, then to walk.
         rl=dict(droq=dict(lr=1e-3, alpha_init=0.1)),
         expert=dict(steps=500_000)),
 }
@@ -368,6 +369,15 @@ def env_settings(name):
     if name not in ENVS:
         raise ValueError(f"unknown env {name!r}; choose one of: {', '.join(ENVS)}")
     return ENVS[name]
+
+
+def parse_with_env_defaults(parser, argv, defaults):
+    """Parse a script's command line in two passes: --env alone first, then all of it, with the defaults that
+    `defaults(env)` returns (a dict, read from ENVS[env]) set in between. So `--env ant_dir` brings Ant's
+    settings (Appendix A/B and our per-env overrides), and a flag given on the command line still wins."""
+    env = parser.parse_known_args(argv)[0].env
+    parser.set_defaults(**defaults(env))
+    return parser.parse_args(argv)
 
 
 # ----------------------------------------------------------------------------- processes and precision
@@ -418,6 +428,11 @@ def set_matmul_precision(device, dtype):
 def autocast(device, bf16):
     """bf16 matmuls where asked (torch.autocast); a no-op context otherwise."""
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def use_bf16(dtype, device):
+    """Whether a script's --dtype asks for bf16 matmuls on `device`: bf16 always, auto where bf16_is_fast."""
+    return dtype == "bf16" or (dtype == "auto" and bf16_is_fast(device))
 
 
 def bf16_is_fast(device):
@@ -560,6 +575,10 @@ def load_history(path):
     Raises HistoryError naming the file when it is missing, unreadable, truncated or inconsistent."""
     if not os.path.isfile(path):
         raise HistoryError(f"{path}: no such history file")
+    with open(path, "rb") as f:
+        # A .npz is a zip archive. Anything else np.load would take for a pickle, and refuse as one.
+        if f.read(4) != b"PK\x03\x04":
+            raise HistoryError(f"{path}: not a .npz file written by the RL scripts")
     try:
         with np.load(path, allow_pickle=False) as f:
             data = {k: f[k] for k in f.files}

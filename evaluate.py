@@ -14,9 +14,12 @@ state), all tasks batched in one model call per step (ad.rollout). It writes
   behaviour.gif  with --animate: the first test task's episodes one after another.
 The summary scores the mean return of the last 5 episodes two ways. The strict score, the headline:
 0 = the better of the zero-action and random policies on the same test tasks, 1 = the source algorithm's
-final return; and against the random policy alone (0 = random), which flatters tasks where standing
-still is far above random (Reacher, Ant-Dir). Where the goal is a place, it also gives how far the traced
-point (the point, the fingertip, Pusher's cylinder) ends the first and the last 5 episodes from that goal.
+final return on the same test tasks, from its own run on them (`sac.py --split test`, found beside the
+training data or given by --source-test-data; test tasks can be harder or easier than the training
+tasks), else on its training tasks, flagged; and against the random policy alone (0 = random), which
+flatters tasks where standing still is far above random (Reacher, Ant-Dir). Where the goal is a place, it
+also gives how far the traced point (the point, the fingertip, Pusher's cylinder) ends the first and the
+last 5 episodes from that goal.
 
 The reward-blind control (on by default, --no-blind skips it) plays the same rollouts again with the reward
 slot of every token set to 0: its strict score, and strict minus it, show how much of the score comes from
@@ -31,8 +34,11 @@ one: returns per test task, seed and episode): it is scored and plotted the same
 
 Several checkpoints make one comparison (the paper's Figure 1: Mamba vs transformer; Figure 2: context
 lengths). Runs that differ only in their training seed form one group: one curve, the mean over seeds,
-shaded by the spread across seeds (a group of one run: the spread across tasks). The table of final
-scores (mean and std over seeds, every seed's score) is printed and written to scores.md.
+shaded by the spread across seeds (a group of one run: the spread across tasks). All must be scored on the
+same test tasks for as many episodes (--allow-mixed lifts that). The table of final scores (mean and std
+over seeds, every seed's score) is printed and written to scores.md, with a second table of how each row
+was made: its training budget, which weights are scored (AD: the best on validation tasks; MQL and MACAW:
+their final weights), its action rule (AD samples; MQL and MACAW act deterministically) and its 1.
 
     python evaluate.py                                    # out/reacher_goal/mamba
     python evaluate.py out/point_goal/mamba --action-mode mean
@@ -40,6 +46,7 @@ scores (mean and std over seeds, every seed's score) is printed and written to s
 """
 import argparse
 import functools
+import glob
 import json
 import os
 import sys
@@ -106,6 +113,44 @@ def goal_distances(where, goal):
             "goal_distance_end_last5": float(distance[:, :, -5:, -1].mean())}
 
 
+def source_final_on(directory, env, algo, tasks, k, n_curve):
+    """The source algorithm's final return (ad.source_curve's: the last 10% of its episodes) on `tasks`,
+    from its own run on them (`python ALGO.py --split test`), if `directory` holds one: its first len(tasks)
+    histories must be of env and algo, on those tasks, and as long as the training run's (n_curve episodes
+    once downsampled k-fold). Else None."""
+    files = sorted(glob.glob(os.path.join(directory, "task_*.npz")))[:len(tasks)]
+    if len(files) < len(tasks):
+        return None
+    histories = [envs.load_history(f) for f in files]
+    if not all(h["env"] == env and h["algo"] == algo and np.allclose(h["task"], task)
+               for h, task in zip(histories, tasks)):
+        return None
+    returns = np.stack([h["rew"].sum(-1) for h in histories])           # [tasks, E, episodes]
+    if len(range(0, returns.shape[-1], k)) != n_curve:
+        return None
+    return ad.source_curve(returns, k)[1]
+
+
+def strict_one(env, algo, k, n_curve, tasks, training_final, data_dir, args):
+    """The strict score's 1 for these test tasks, and where it comes from: the source algorithm's final
+    return on the tasks themselves (test tasks differ in difficulty from the training tasks), from
+    --source-test-data, else from DATA_test beside the run's training data DATA (where `ALGO.py --split
+    test` writes by default); else its final on the training tasks, flagged as such."""
+    directory = args.source_test_data or (f"{os.path.normpath(data_dir)}_test" if data_dir else None)
+    if directory and os.path.isdir(directory):
+        final = source_final_on(directory, env, algo, tasks, k, n_curve)
+        if final is not None:
+            return final, "test tasks", f"the last 10% of the {algo} histories on these test tasks ({directory})"
+    if args.source_test_data:
+        raise ValueError(f"--source-test-data {args.source_test_data} does not hold {algo} histories of the "
+                         f"first {len(tasks)} test tasks of --seed {args.seed}, as long as the training run's")
+    out = f" --out {directory}" if directory else ""
+    return training_final, "training tasks", (
+        f"the last 10% of the {algo} histories on the training tasks; none on these test tasks (make them with "
+        f"`python {algo}.py --env {env} --split test --tasks {len(tasks)} --seed {args.seed}{out}` and the "
+        f"training run's --steps)")
+
+
 BEHAVIOUR_TASKS = 3  # test tasks drawn in behaviour.png
 
 
@@ -125,10 +170,13 @@ def evaluate(directory, args):
     returns, where, goal = rollout(record=True, desc=name)
     blind = rollout(blind=True, desc=f"{name}, reward-blind") if args.blind else None
     reference = expert_reference(meta, tasks, returns, args)
-    source_final = reference["expert_return"] if reference else meta["source_final"]
-    summary = summarise(returns, meta["env"], tasks, source_final, blind)
-    summary["source_final_from"] = ("the expert, noise-free, on these test tasks" if reference else
-                                    f"the last 10% of the {meta['algo']} histories (training tasks)")
+    if reference:
+        one = reference["expert_return"], "expert", "the expert, noise-free, on these test tasks"
+    else:
+        one = strict_one(meta["env"], meta["algo"], meta["k"], len(meta["source_curve"]), tasks,
+                         meta["source_final"], meta["data"], args)
+    summary = summarise(returns, meta["env"], tasks, one[0], blind)
+    summary.update(source_final_on=one[1], source_final_from=one[2])
     if reference:
         summary.update(reference)
     if envs.ENVS[meta["env"]].env_class.trace_kind == "path":
@@ -141,6 +189,9 @@ def evaluate(directory, args):
             "k": meta["k"], "context": meta["context"], "stream_tokens": meta["episodes"] * meta["horizon"],
             "rollout_window": window,
             "loss": meta["loss"], "action_mode": args.action_mode,
+            "budget": f"{ckpt['iter']:,} updates",
+            "selection": f"best on validation tasks (checked every {ckpt['args']['eval_every']} updates)",
+            "actions": "the mean" if meta["loss"] == "mse" or args.action_mode == "mean" else "sampled",
             "seeds": args.seeds, "tasks": tasks.tolist(), "returns": returns.tolist(),
             "blind_returns": None if blind is None else blind.tolist(),
             "source_curve": meta["source_curve"], "summary": summary}, behaviour
@@ -164,8 +215,12 @@ def baseline_result(directory, args):
     if not np.allclose(tasks, result["tasks"]) or returns.shape[:2] != (len(tasks), result["seeds"]):
         raise ValueError(f"{path} was not run on the test tasks of --seed {args.seed} "
                          f"({len(result['tasks'])} tasks x {result['seeds']} seeds): re-run it with them")
-    summary = summarise(returns, result["env"], tasks, result["source_final"])
-    return {**result, "checkpoint": os.path.abspath(directory), "arch": result["method"], "summary": summary}
+    one = strict_one(result["env"], result["algo"], result["k"], len(result["source_curve"]), tasks,
+                     result["source_final"], result.get("data"), args)
+    summary = summarise(returns, result["env"], tasks, one[0])
+    summary.update(source_final_on=one[1], source_final_from=one[2])
+    return {"budget": "not recorded", "selection": "final weights", "actions": "deterministic", **result,
+            "checkpoint": os.path.abspath(directory), "arch": result["method"], "summary": summary}
 
 
 def label(result):
@@ -219,6 +274,37 @@ def score_table(groups):
                     f"{mean_std(blind) if has_blind else '—'} | {mean_std(scores - blind) if has_blind else '—'} | "
                     f"{mean_std([s['score_last5_vs_random'] for s in summaries])} |")
     return "\n".join(rows)
+
+
+def protocol_table(groups):
+    """Markdown table per group: how its rows were made, which a score alone does not say. The training
+    budget, which weights are scored (AD: the best checkpoint on validation tasks; the baselines: their
+    final weights), how actions are chosen (AD samples its Gaussian head, as the source algorithm
+    explored, unless told the mean; MQL and MACAW act deterministically, as their code does) and where the
+    strict score's 1 comes from. Values that differ between a group's seeds are listed in seed order."""
+    rows = ["| model | training budget | scored weights | actions | strict score's 1 |", "|---|---|---|---|---|"]
+    for name, runs in groups.items():
+        columns = ([r["budget"] for r in runs], [r["selection"] for r in runs], [r["actions"] for r in runs],
+                   [source_label(r) for r in runs])
+        rows.append(f"| {name} | " + " | ".join(" / ".join(dict.fromkeys(c)) for c in columns) + " |")
+    return "\n".join(rows)
+
+
+def source_label(result):
+    """The strict score's 1 in a few words: its value and whose return on which tasks it is."""
+    s = result["summary"]
+    whose = "the expert" if s["source_final_on"] == "expert" else f"{result['algo']} on the {s['source_final_on']}"
+    return f"{s['source_final']:.2f}, {whose}"
+
+
+def check_alike(results, directories):
+    """One comparison scores every run on the same test tasks for as many episodes; else a one-line error."""
+    scored = [(len(r["tasks"]), np.shape(r["returns"])[2]) for r in results]
+    if all(r["tasks"] == results[0]["tasks"] and n == scored[0] for r, n in zip(results, scored)):
+        return
+    runs = "; ".join(f"{os.path.normpath(d)}: {t} tasks x {e} episodes" for d, (t, e) in zip(directories, scored))
+    raise ValueError(f"the runs were scored on different test tasks or episode counts ({runs}): score them alike "
+                     f"(--tasks, --episodes here; a baseline's --test-tasks, --episodes) or pass --allow-mixed")
 
 
 def plot(groups, png_path):
@@ -358,6 +444,12 @@ def build_parser():
     p.add_argument("--out", default=None, help="where eval.json and the figures go; None: the checkpoint's "
                                                "directory, out/compare for several")
     p.add_argument("--seed", type=int, default=0, help="test tasks and rollouts seed")
+    p.add_argument("--source-test-data", default=None,
+                   help="the source algorithm's histories on the test tasks (`ALGO.py --split test`), whose final "
+                        "return is the strict score's 1; None: DATA_test beside the run's training data, else "
+                        "the final on the training tasks (flagged)")
+    p.add_argument("--allow-mixed", action="store_true",
+                   help="compare runs scored on different test tasks or episode counts (refused otherwise)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
     p.add_argument("--threads", type=envs.positive_int, default=None, help="torch CPU threads; None: torch's")
     return p
@@ -373,6 +465,8 @@ def main(argv=None):
         if len({r["env"] for r in results}) > 1:
             raise ValueError(f"checkpoints of different envs ({', '.join(r['env'] for r in results)}) "
                              f"cannot share one plot")
+        if not args.allow_mixed:
+            check_alike(results, args.checkpoints)
         groups = group_runs(results)
         out = args.out or (args.checkpoints[0] if len(args.checkpoints) == 1 else os.path.join("out", "compare"))
         out = os.path.dirname(out) if out.endswith(".pt") else out
@@ -387,19 +481,18 @@ def main(argv=None):
             if not drawn:
                 raise ValueError("--animate needs an AD checkpoint: a baseline's results.json holds no behaviour")
             animate(*drawn, os.path.join(out, "behaviour.gif"))
-        table = score_table(groups)
+        table = score_table(groups) + "\n\n" + protocol_table(groups)
         with open(os.path.join(out, "scores.md"), "w") as f:
             f.write(table + "\n")
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
     for result, directory in zip(results, args.checkpoints):
         s = result["summary"]
-        actions = "its own" if "method" in result else args.action_mode  # a baseline acts as its own code does
         print(f"{os.path.normpath(directory)}: {label(result)}, seed {result['train_seed']}, on "
-              f"{len(result['tasks'])} test tasks x {args.seeds} seeds, actions {actions}: first episode "
-              f"{s['first_episode']:.2f} -> last 5 {s['last5']:.2f}; strict score {s['score_last5']:.2f} "
+              f"{len(result['tasks'])} test tasks x {result['seeds']} seeds, actions {result['actions']}: "
+              f"first episode {s['first_episode']:.2f} -> last 5 {s['last5']:.2f}; strict score {s['score_last5']:.2f} "
               f"(zero action {s['zero_action']:.2f}, random {s['random_policy']:.2f}: the better = 0; "
-              f"{s['source_final']:.2f} = 1: {s.get('source_final_from', result['algo'] + ' final')}), vs random "
+              f"{s['source_final']:.2f} = 1: {s['source_final_from']}), vs random "
               f"{s['score_last5_vs_random']:.2f}")
         if "blind_score_last5" in s:
             print(f"  reward-blind control: first episode {s['blind_first_episode']:.2f} -> last 5 "

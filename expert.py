@@ -11,8 +11,9 @@ test tasks included.
 
 SAC for every env, also where the paper's source algorithm is PPO (Pusher) or DroQ (Ant): the expert is
 not a learning history, only a good policy, and one off-policy learner for every env keeps this file
-short (each shipped expert's returns are in the expert.json beside it). One network learns all tasks (sac.py's task axis has length 1; its n_envs envs each play
-their own task), with the per-env SAC settings of envs.ENVS and the expert's own in ENVS[env].expert.
+short (each shipped expert's returns are in the expert.json beside it). One network learns all tasks
+(sac.py's task axis has length 1; its n_envs envs each play their own task), with the per-env SAC
+settings of envs.ENVS and the expert's own in ENVS[env].expert.
 
 Only the actor is kept (checkpoints/experts/ENV/expert.pt, loaded with weights_only=True) and it acts
 deterministically: tanh of the Gaussian's mean. After training, the expert is scored on the env's test
@@ -182,14 +183,15 @@ def build_parser():
 
 
 def parse_args(argv=None):
-    """Parse twice: --env first, whose ENVS row (SAC's settings, then the expert's) sets the defaults."""
-    parser = build_parser()
-    settings = envs.env_settings(parser.parse_known_args(argv)[0].env)
-    parser.set_defaults(**{**settings.rl.get("sac", {}), **DEFAULTS, **settings.expert})
-    args = parser.parse_args(argv)
+    """The command line, with defaults from --env's ENVS row (envs.parse_with_env_defaults): its SAC
+    settings, overridden by DEFAULTS, overridden by its expert settings."""
+    def defaults(env):
+        settings = envs.ENVS[env]
+        return {**settings.rl.get("sac", {}), **DEFAULTS, **settings.expert}
+    args = envs.parse_with_env_defaults(build_parser(), argv, defaults)
     args.out = args.out or os.path.join("checkpoints", "experts", args.env)
     args.device = envs.resolve_device(args.device)
-    args.bf16 = args.dtype == "bf16" or (args.dtype == "auto" and envs.bf16_is_fast(args.device))
+    args.bf16 = envs.use_bf16(args.dtype, args.device)
     return args
 
 

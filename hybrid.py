@@ -17,7 +17,8 @@ zero-padded concatenation is one linear layer per modality, as DM-H Section 4.4 
 
 Valuable sub-goals (DM-H Section 4.3, eq. 7): in training, a second pass of the transformer replaces z_j by
 W s*_j, where s*_j is the future state of the segment's episode with the highest distance-weighted
-accumulated reward (`valuable_subgoal_steps`) and W a frozen random linear layer into z's space. Both
+accumulated reward (`valuable_subgoal_steps`; the paper's rule, on rewards shifted within each episode to be
+non-negative, as the rule presumes) and W a frozen random linear layer into z's space. Both
 passes predict the same actions and their losses are averaged (ad.py), so the transformer learns to follow
 a sub-goal and Mamba is pushed to emit sub-goals the transformer can use. The paper samples z from a
 Gaussian; here z is deterministic, like every other output of the project's models.
@@ -41,12 +42,16 @@ import transformer
 
 def valuable_subgoal_steps(rew):
     """DM-H Section 4.3: for every step t of an episode, the future step t' > t maximising the accumulated
-    reward from t to t' divided by the distance, (r_t + .. + r_t') / (t' - t). With positive rewards the
-    division favours near states that lead to reward (the paper's intent); with our envs' negative ones
-    (-distance) it favours far ones: on point_goal 76% of the picks are the episode's last state, where a
-    learnt policy has reached the goal. The last step has no future: it keeps itself. Ties go to the nearest.
-    rew [..., H] (one episode per row) -> int64 indices [..., H] into the same episode."""
+    reward from t to t' divided by the distance, (r_t + .. + r_t') / (t' - t). The rule presumes rewards
+    >= 0 (the paper's tasks): then the division favours near states that lead to reward, its intent. On
+    negative rewards (this project's -distance) it inverts: a sum of negatives shrinks in size per step
+    with the distance, so the farthest state wins, and on point_goal most picks would be the episode's last
+    state. So the rewards are first shifted by their episode's minimum to be >= 0 (the episode is the stretch
+    the search runs over): the worst step is worth 0, better ones more, as the paper's rewards are, and
+    adding a constant to an episode's rewards no longer changes its picks. The last step has no future: it
+    keeps itself. Ties go to the nearest. rew [..., H] (one episode per row) -> int64 indices [..., H]."""
     H = rew.shape[-1]
+    rew = rew - rew.min(-1, keepdim=True).values                     # >= 0, 0 at the episode's worst step
     before = F.pad(torch.cumsum(rew, -1), (1, 0))                    # before[i] = r_0 + .. + r_{i-1}
     steps = torch.arange(H, device=rew.device)
     accumulated = before[..., None, 1:] - before[..., :-1, None]      # [.., t, t'] = r_t + .. + r_t'

@@ -21,28 +21,29 @@ moves theta by -eta delta, as plain MAML would, and a step on z by -eta delta W_
 preconditioned by a meta-learned matrix, which lets one inner step go where plain gradient steps would
 need many (the paper's ablation loses much without it). The inner loop adapts z and b_wt. (The reference
 code adapts W_wt as well; its gradient is z (x) delta, so that step only adds -eta (z'.z) delta, a rescaled
-b_wt step, while copying W_wt per task tripled the cost: 1.1 s against 0.37 s a meta-step at the reference
-sizes, measured here.)
+b_wt step, while copying W_wt per task would triple the cost of a meta-step.)
 
 Test time: on each unseen test task, one inner step (value, then policy) from a batch of that task's own
 offline data (the source algorithm's learning history on it: `python sac.py --split test`), then the adapted
 policy's mean action is rolled out for as many episodes as an AD stream holds. There is no further
 adaptation during the episodes, so the curve is flat by construction: MACAW adapts from given data, AD
-from the episodes it plays. Results go to results.json in evaluate.py's baseline format.
+from the episodes it plays. --test-seed picks the test tasks and seeds the rollouts' envs, as `evaluate.py
+--seed` does for AD and `mql.py --test-seed` for MQL. Results go to results.json in evaluate.py's baseline
+format.
 
-    python sac.py --env point_goal --split test --tasks 10 --out out/point_goal_sac_test   # test-task data
-    python macaw.py --env point_goal --test-data out/point_goal_sac_test                 # -> out/point_goal/macaw
-    python evaluate.py out/point_goal/macaw
+    python sac.py --env point_goal --split test --tasks 10    # -> data/point_goal/sac_test, the test-task data
+    python macaw.py --env point_goal                          # -> out/point_goal/macaw
+    python evaluate.py out/point_goal/macaw                   # its strict 1: SAC's final on those test tasks
 
 Defaults follow the reference code's offline configuration (config/alg/standard.json: 5 tasks per
 meta-batch, one inner step, inner step sizes 1e-3 learned with lr 1e-3, advantage-head weight 0.01, fixed
 action std 0.2, advantages normalised per batch with temperature 1 and weights clipped at 20, gamma 0.99,
 256 offline transitions to adapt at test time), except where a CPU needs minutes instead of a GPU's
 hours (the reference code runs up to 1e6 meta-steps):
-  --iters 1000 (0.036 CPU-s each at the sizes below: half a minute on a free core); --hidden 64,
-  --latent 32 and --inner-batch/--batch-size 128 (reference: 3 x 100-unit layers, a 100-d latent, batches
-  of 256: 0.16 CPU-s a meta-step here); outer lrs 1e-3 (reference: value 1e-5, policy 1e-4; Adam moves a
-  weight by about lr per step, so at 1e-5 a weight could move 0.01 in 1,000 steps).
+  --iters 1000 (about half a minute on one core at the sizes below); --hidden 64, --latent 32 and
+  --inner-batch/--batch-size 128 (reference: 3 x 100-unit layers, a 100-d latent, batches of 256: about 4x
+  the cost of a meta-step); outer lrs 1e-3 (reference: value 1e-5, policy 1e-4; Adam moves a weight by about
+  lr per step, so at 1e-5 a weight could move 0.01 in 1,000 steps).
 Observations and returns are standardised with dataset statistics (the reference code uses raw ones) so
 that these rates suit every env's reward scale.
 """
@@ -301,7 +302,9 @@ def meta_train(model, table, args):
 @torch.no_grad()
 def rollout(policy, theta, env, tasks, n_seeds, n_episodes, stats, seed):
     """The adapted policies theta (leading axis: task x seed) act with their mean on n_seeds copies of each
-    task for n_episodes consecutive episodes, unchanged between them. Returns [tasks, seeds, episodes]."""
+    task for n_episodes consecutive episodes, unchanged between them. The envs are seeded as ad.rollout's
+    and mql.py's by the test seed, so every method starts from the same initial states. Returns
+    [tasks, seeds, episodes]."""
     vec = envs.MultiTaskVecEnv(env, tasks, n_seeds, seed=seed)
     device = stats["obs_mean"].device
     returns = np.zeros((vec.n_tasks, vec.n_envs, n_episodes))
@@ -317,15 +320,16 @@ def rollout(policy, theta, env, tasks, n_seeds, n_episodes, stats, seed):
 
 def test(model, test_table, tasks, stats, args, n_episodes):
     """On every test task and seed: adapt from --adapt-batch transitions of that task's offline history (a
-    fresh sample per seed), then roll out. Also the meta-policy's return before adaptation, for reference."""
+    fresh sample per seed, drawn by the training seed), then roll out. Also the meta-policy's return before
+    adaptation, for reference."""
     generator = torch.Generator().manual_seed(args.seed)
-    index = torch.arange(len(tasks)).repeat_interleave(args.seeds)           # task-major: [task0 x seeds, ...]
+    index = torch.arange(len(tasks)).repeat_interleave(args.test_seeds)      # task-major: [task0 x seeds, ...]
     batch = sample(test_table, index, args.adapt_batch, generator)
     _, theta = adapt(model, batch, args, create_graph=False)
     theta = {name: p.detach() for name, p in theta.items()}
-    returns = rollout(model.policy, theta, args.env, tasks, args.seeds, n_episodes, stats, args.seed)
+    returns = rollout(model.policy, theta, args.env, tasks, args.test_seeds, n_episodes, stats, args.test_seed)
     unadapted = per_task({n: p.detach() for n, p in adapted_parameters(model.policy).items()}, len(index))
-    before = rollout(model.policy, unadapted, args.env, tasks, args.seeds, 1, stats, args.seed)
+    before = rollout(model.policy, unadapted, args.env, tasks, args.test_seeds, 1, stats, args.test_seed)
     return returns, float(before.mean())
 
 
@@ -333,7 +337,8 @@ def test(model, test_table, tasks, stats, args, n_episodes):
 
 def load_test_histories(test_dir, tasks, algo, args):
     """The source algorithm's histories on the test tasks (what MACAW adapts from), checked to be those tasks."""
-    make = f"python {algo}.py --env {args.env} --split test --tasks {len(tasks)} --out {test_dir}"
+    make = (f"python {algo}.py --env {args.env} --split test --tasks {len(tasks)} --seed {args.test_seed} "
+            f"--out {test_dir}")
     if not os.path.isdir(test_dir):
         raise ad.DataError(f"no test-task histories at {test_dir}: make them with `{make}`")
     found = history_tasks(test_dir)
@@ -350,7 +355,7 @@ def run(args):
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     data = ad.load_histories(data_dir, args.env, args.k)
-    tasks = envs.sample_tasks(args.env, args.tasks, "test", seed=0)  # evaluate.py's test tasks
+    tasks = envs.sample_tasks(args.env, args.test_tasks, "test", seed=args.test_seed)  # evaluate.py --seed's
     test_data = load_test_histories(test_dir, tasks, data["algo"], args)
     out = args.out or os.path.join("out", args.env, "macaw")
     os.makedirs(out, exist_ok=True)
@@ -370,7 +375,7 @@ def run(args):
                     "act_dim": act_dim}, os.path.join(out, "ckpt.pt"))
 
     n_episodes = data["obs"].shape[2]  # an AD stream's length in (downsampled) episodes
-    test_table = standardise(transitions({key: test_data[key][:args.tasks] for key in ("obs", "act", "rew")},
+    test_table = standardise(transitions({key: test_data[key][:args.test_tasks] for key in ("obs", "act", "rew")},
                                          args.gamma), stats, args.device)
     device_stats = {key: value.to(args.device) for key, value in stats.items()}
     returns, before = test(model, test_table, tasks, device_stats, args, n_episodes)
@@ -380,11 +385,13 @@ def run(args):
                   f"episode), before the first episode; none during the {n_episodes} episodes (a flat curve); "
                   f"no environment steps before them")
     result = {"env": args.env, "method": "MACAW", "train_seed": args.seed, "tasks": tasks.tolist(),
-              "seeds": args.seeds, "returns": returns.tolist(), "source_final": final, "source_curve": curve,
-              "algo": data["algo"], "k": args.k, "adaptation": adaptation, "return_before_adaptation": before,
-              "train_seconds": train_seconds, "log": log, "args": vars(args)}
+              "seeds": args.test_seeds, "returns": returns.tolist(), "source_final": final, "source_curve": curve,
+              "algo": data["algo"], "k": args.k, "data": os.path.abspath(data_dir), "adaptation": adaptation,
+              "budget": f"{args.iters:,} meta-steps of {args.task_batch} tasks (offline)",
+              "selection": "final weights", "actions": "deterministic (the policy's mean)",
+              "return_before_adaptation": before, "train_seconds": train_seconds, "log": log, "args": vars(args)}
     envs.write_json_atomic(os.path.join(out, "results.json"), result)  # never half a file
-    print(f"meta-trained in {train_seconds:.0f} s; on {args.tasks} test tasks x {args.seeds} seeds: return "
+    print(f"meta-trained in {train_seconds:.0f} s; on {args.test_tasks} test tasks x {args.test_seeds} seeds: return "
           f"{before:.2f} before adaptation, {returns.mean():.2f} after ({data['algo']} final {final:.2f}); "
           f"score with `python evaluate.py {out}`")
     return result
@@ -418,12 +425,15 @@ def build_parser():
     p.add_argument("--temperature", type=float, default=1.0, help="AWR temperature T")
     p.add_argument("--max-weight", type=float, default=20.0, help="AWR weights are clipped at this")
     p.add_argument("--gamma", type=float, default=0.99)
-    p.add_argument("--tasks", type=envs.positive_int, default=10, help="test tasks (evaluate.py's)")
-    p.add_argument("--seeds", type=envs.positive_int, default=3, help="adaptations and rollouts per test task")
+    p.add_argument("--test-tasks", type=envs.positive_int, default=10, help="test tasks (evaluate.py's --tasks)")
+    p.add_argument("--test-seeds", type=envs.positive_int, default=3,
+                   help="adaptations and rollouts per test task (evaluate.py's --seeds)")
+    p.add_argument("--test-seed", type=int, default=0,
+                   help="the test tasks and the rollouts' env seeds of `evaluate.py --seed`")
     p.add_argument("--adapt-batch", type=envs.positive_int, default=256,
                    help="offline transitions of a test task used to adapt")
     p.add_argument("--log-every", type=envs.positive_int, default=100)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the networks and the batches drawn")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=envs.positive_int, default=None)
     return p

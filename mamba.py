@@ -20,6 +20,11 @@ h_t = a_t * h_{t-1} + b_t step by step. Three paths, one semantics:
 The file reads in that order: the scan and its reference, the block and the model, then the two fast
 paths.
 
+Resets (for RL^2 in rl2.py, as in S5-RL, Lu et al. 2023): `reset` r [batch, L] marks the steps where a new
+sequence (a new trial) starts, and every path then runs h_t = a_t (1 - r_t) h_{t-1} + delta_t B_t u_t with
+a_t = exp(delta_t A), and the causal conv reads zeros before the reset. Many short sequences then pack into
+one long one and train in one scan, exactly as if each ran alone. reset=None runs the code without them.
+
 `Mamba` stacks residual blocks (RMSNorm -> MambaBlock) between an input and an output projection.
 `forward` reads a whole sequence; `init_state`/`step` read it one token at a time with O(1) time and
 memory per token (a conv window and the SSM state h per layer) and reproduce `forward`.
@@ -47,19 +52,20 @@ BACKENDS = ("auto", "ref", "torch", "triton")
 # ----------------------------------------------------------------------------- the selective scan (S6)
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, backend="auto",
-                   return_last_state=False):
+                   return_last_state=False, reset=None):
     """The S6 scan with the reference implementation's shapes:
     u, delta, z [batch, dim, L]; A [dim, N]; B, C [batch, N, L]; D, delta_bias [dim] -> y [batch, dim, L].
     delta <- softplus(delta + delta_bias) when asked; y = (scan + D * u) * silu(z). Computed in fp32,
     returned in u's dtype. return_last_state=True returns (y, h_{L-1} [batch, dim, N] in fp32) for a
-    recurrent hand-off to `step`; only "ref" differentiates through that last state."""
-    _check_shapes(u, delta, A, B, C, D, z, delta_bias)
+    recurrent hand-off to `step`; only "ref" differentiates through that last state.
+    reset [batch, L] bool: r_t = True where a new sequence starts, which drops h_{t-1} (the module docstring)."""
+    _check_shapes(u, delta, A, B, C, D, z, delta_bias, reset)
     if backend == "auto":  # the fused kernel wherever it can run, the CPU loop elsewhere
         backend = "triton" if u.is_cuda and triton is not None else "torch"
     if backend not in BACKENDS:
         raise ValueError(f"unknown selective_scan backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
     if backend == "triton":  # bias, softplus, D and the gate are fused into the kernel
-        y, last_state = _scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        y, last_state = _scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reset)
         return (y, last_state) if return_last_state else y
     dtype = u.dtype
     with torch.autocast(u.device.type, enabled=False):  # fp32 even inside a bf16 autocast region
@@ -68,7 +74,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
             delta = delta + delta_bias.float()[:, None]
         if delta_softplus:
             delta = F.softplus(delta)
-        y, last_state = (_scan_ref if backend == "ref" else SelectiveScanFn.apply)(u, delta, A, B, C)
+        y, last_state = (_scan_ref if backend == "ref" else SelectiveScanFn.apply)(u, delta, A, B, C, reset)
         if D is not None:
             y = y + D.float()[:, None] * u
         if z is not None:
@@ -76,26 +82,31 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     return (y.to(dtype), last_state) if return_last_state else y.to(dtype)
 
 
-def _check_shapes(u, delta, A, B, C, D, z, delta_bias):
+def _check_shapes(u, delta, A, B, C, D, z, delta_bias, reset):
     if u.dim() != 3:
         raise ValueError(f"selective_scan: u must be [batch, dim, L], got shape {tuple(u.shape)}")
     batch, dim, L = u.shape
     N = A.shape[-1]
     expected = {"delta": (delta, (batch, dim, L)), "A": (A, (dim, N)), "B": (B, (batch, N, L)),
                 "C": (C, (batch, N, L)), "D": (D, (dim,)), "z": (z, (batch, dim, L)),
-                "delta_bias": (delta_bias, (dim,))}
+                "delta_bias": (delta_bias, (dim,)), "reset": (reset, (batch, L))}
     for name, (tensor, shape) in expected.items():
         if tensor is not None and tuple(tensor.shape) != shape:
             raise ValueError(f"selective_scan: {name} must have shape {shape}, got {tuple(tensor.shape)}")
+    if reset is not None and reset.dtype != torch.bool:
+        raise ValueError(f"selective_scan: reset must be a bool tensor, got {reset.dtype}")
 
 
-def _scan_ref(u, delta, A, B, C):
+def _scan_ref(u, delta, A, B, C, reset=None):
     """The recurrence exactly as written in the module docstring, one time step at a time."""
     batch, dim, L = u.shape
     h = u.new_zeros(batch, dim, A.shape[1])
     ys = []
     for t in range(L):
-        h = torch.exp(delta[:, :, t, None] * A) * h + (delta[:, :, t] * u[:, :, t])[..., None] * B[:, None, :, t]
+        a = torch.exp(delta[:, :, t, None] * A)
+        if reset is not None:
+            a = a * (1 - reset[:, t, None, None].float())
+        h = a * h + (delta[:, :, t] * u[:, :, t])[..., None] * B[:, None, :, t]
         ys.append((h * C[:, None, :, t]).sum(-1))
     return torch.stack(ys, dim=-1), h
 
@@ -131,26 +142,42 @@ class MambaBlock(nn.Module):
         """The state matrix (diagonal, one row per channel), negative so that exp(delta A) decays."""
         return -torch.exp(self.A_log.float())
 
-    def forward(self, hidden, backend="auto"):
-        """hidden [batch, L, d_model] -> [batch, L, d_model]."""
-        L = hidden.shape[1]
+    def forward(self, hidden, backend="auto", reset=None):
+        """hidden [batch, L, d_model] -> [batch, L, d_model]; reset [batch, L] bool or None (selective_scan)."""
         x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)              # [batch, d_inner, L] each
-        x = F.silu(self.conv1d(x)[..., :L])                                       # causal: drop the right pad
+        x = F.silu(self.conv(x, reset))
         dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = (dt @ self.dt_proj.weight.T).transpose(1, 2)                      # bias goes in as delta_bias
         y = selective_scan(x, delta, self.A(), B.transpose(1, 2), C.transpose(1, 2),
                            self.D.float(), z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
-                           backend=backend)
+                           backend=backend, reset=reset)
         return self.out_proj(y.transpose(1, 2))
+
+    def conv(self, x, reset=None):
+        """The causal depthwise conv of x [batch, d_inner, L]. With resets, the window x_{t-d_conv+1..t} of
+        each step holds zeros before the latest reset, as step's window does after init_state."""
+        L = x.shape[-1]
+        if reset is None:
+            return self.conv1d(x)[..., :L]                                        # causal: drop the right pad
+        t = torch.arange(L, device=x.device)
+        start = torch.where(reset, t, 0).cummax(-1).values                        # [batch, L]: the latest reset
+        window_t = t[:, None] + torch.arange(1 - self.d_conv, 1, device=x.device)    # [L, d_conv]: times read
+        windows = F.pad(x, (self.d_conv - 1, 0)).unfold(-1, self.d_conv, 1)      # [batch, d_inner, L, d_conv]
+        windows = windows * (window_t >= start[..., None])[:, None]               # zero what precedes the reset
+        return (windows * self.conv1d.weight[:, 0, None]).sum(-1) + self.conv1d.bias[:, None]
 
     def init_state(self, batch, device=None):
         """(conv window of the last d_conv inputs, SSM state h), zero as before the first token."""
         return (torch.zeros(batch, self.d_inner, self.d_conv, device=device),
                 torch.zeros(batch, self.d_inner, self.d_state, device=device))
 
-    def step(self, hidden, state):
-        """One token: hidden [batch, d_model] -> ([batch, d_model], new state). Same maths as forward."""
+    def step(self, hidden, state, reset=None):
+        """One token: hidden [batch, d_model] -> ([batch, d_model], new state). Same maths as forward;
+        reset [batch] bool starts a new sequence in those rows: their state goes back to init_state's zeros."""
         conv_window, h = state
+        if reset is not None:
+            keep = 1 - reset.float()[:, None, None]
+            conv_window, h = conv_window * keep, h * keep
         x, z = self.in_proj(hidden).chunk(2, dim=-1)
         conv_window = torch.cat([conv_window[:, :, 1:], x[..., None]], dim=-1)
         x = F.silu((conv_window * self.conv1d.weight[:, 0]).sum(-1) + self.conv1d.bias)
@@ -171,11 +198,11 @@ class ResidualBlock(nn.Module):
         self.norm = nn.RMSNorm(d_model, eps=1e-5)
         self.mixer = MambaBlock(d_model, **block_kwargs)
 
-    def forward(self, x, backend="auto"):
-        return x + self.mixer(self.norm(x), backend=backend)
+    def forward(self, x, backend="auto", reset=None):
+        return x + self.mixer(self.norm(x), backend=backend, reset=reset)
 
-    def step(self, x, state):
-        y, state = self.mixer.step(self.norm(x), state)
+    def step(self, x, state, reset=None):
+        y, state = self.mixer.step(self.norm(x), state, reset)
         return x + y, state
 
 
@@ -196,22 +223,24 @@ class Mamba(nn.Module):
             with torch.no_grad():
                 layer.mixer.out_proj.weight /= math.sqrt(n_layer)
 
-    def forward(self, x, backend="auto"):
-        """x [batch, L, d_in] -> [batch, L, d_out]."""
+    def forward(self, x, backend="auto", reset=None):
+        """x [batch, L, d_in] -> [batch, L, d_out]. reset [batch, L] bool: r_t = True where a new sequence
+        starts inside the batch row (its outputs then equal those of the sequence run alone)."""
         h = self.embed(x)
         for layer in self.layers:
-            h = layer(h, backend=backend)
+            h = layer(h, backend=backend, reset=reset)
         return self.head(self.norm_f(h))
 
     def init_state(self, batch, device=None):
         return [layer.mixer.init_state(batch, device) for layer in self.layers]
 
-    def step(self, x, state):
-        """One token x [batch, d_in] -> (y [batch, d_out], state): O(1) time and memory per token."""
+    def step(self, x, state, reset=None):
+        """One token x [batch, d_in] -> (y [batch, d_out], state): O(1) time and memory per token.
+        reset [batch] bool: these rows start a new sequence with this token (forward's r_t)."""
         h = self.embed(x)
         new_state = []
         for layer, layer_state in zip(self.layers, state):
-            h, layer_state = layer.step(h, layer_state)
+            h, layer_state = layer.step(h, layer_state, reset)
             new_state.append(layer_state)
         return self.head(self.norm_f(h)), new_state
 
@@ -229,27 +258,29 @@ class SelectiveScanFn(torch.autograd.Function):
         dB_t = sum_d g_t delta_t u_t          d(delta_t u_t) = sum_n g_t B_t
         dA = sum_t,batch g_t h_{t-1} a_t delta_t          ddelta_t += sum_n g_t h_{t-1} a_t A
         dC_t = sum_d h_t dy_t.
-    The states h_t are kept from the forward (recomputing h_{t-1} from h_t would divide by a_t)."""
+    The states h_t are kept from the forward (recomputing h_{t-1} from h_t would divide by a_t).
+    With resets every a_t above becomes a_t (1 - r_t) (`_decay`): nothing flows across a reset either way."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C):
+    def forward(ctx, u, delta, A, B, C, reset):
         batch, dim, L = u.shape
+        keep = None if reset is None else (1 - reset.float()).T[:, :, None, None]   # [L, batch, 1, 1]: 1 - r_t
         delta_u = (delta * u).permute(2, 0, 1)[..., None]            # [L, batch, dim, 1]
         delta_t = delta.permute(2, 0, 1)[..., None]                   # [L, batch, dim, 1]
         B_t = B.permute(2, 0, 1)[:, :, None, :]                       # [L, batch, 1, N]
         hs = u.new_empty(L, batch, dim, A.shape[1])
         h = u.new_zeros(batch, dim, A.shape[1])
-        for t in range(L):  # h_t = exp(delta_t A) * h_{t-1} + delta_t u_t B_t, written in place into hs[t]
-            h = torch.exp(delta_t[t] * A, out=hs[t]).mul_(h).addcmul_(delta_u[t], B_t[t])
+        for t in range(L):  # h_t = a_t * h_{t-1} + delta_t u_t B_t, written in place into hs[t]
+            h = _decay(delta_t[t], A, keep, t, out=hs[t]).mul_(h).addcmul_(delta_u[t], B_t[t])
         y = torch.matmul(hs, C.permute(2, 0, 1)[..., None]).squeeze(-1)   # [L, batch, dim]
-        ctx.save_for_backward(u, delta, A, B, C, hs)
+        ctx.save_for_backward(u, delta, A, B, C, hs, keep)
         last_state = hs[-1].clone()                                   # for return_last_state; no gradient
         ctx.mark_non_differentiable(last_state)
         return y.permute(1, 2, 0), last_state
 
     @staticmethod
     def backward(ctx, dy, _):
-        u, delta, A, B, C, hs = ctx.saved_tensors
+        u, delta, A, B, C, hs, keep = ctx.saved_tensors
         L = u.shape[-1]
         dy_t = dy.permute(2, 0, 1)[..., None]                          # [L, batch, dim, 1]
         delta_t = delta.permute(2, 0, 1)[..., None]                    # [L, batch, dim, 1]
@@ -265,7 +296,7 @@ class SelectiveScanFn(torch.autograd.Function):
             torch.sum(g * B_t[t], dim=-1, keepdim=True, out=d_delta_u[t])   # (tiny bmm calls are slower)
             torch.sum(g * delta_u_t[t], dim=-2, keepdim=True, out=dB[t])
             if t > 0:                                                  # h_{-1} = 0: nothing flows into a_0
-                a = torch.exp(delta_t[t] * A)
+                a = _decay(delta_t[t], A, keep, t)
                 g_dA = g * hs[t - 1] * a                               # dLoss/d(delta_t A), element-wise
                 torch.sum(g_dA * A, dim=-1, keepdim=True, out=d_delta_A[t])
                 dA.addcmul_(g_dA, delta_t[t])
@@ -273,7 +304,13 @@ class SelectiveScanFn(torch.autograd.Function):
         dC = torch.matmul(dy_t.transpose(-1, -2), hs)                  # [L, batch, 1, N]
         d_delta_u, d_delta_A = d_delta_u[..., 0].permute(1, 2, 0), d_delta_A[..., 0].permute(1, 2, 0)
         return (d_delta_u * delta, d_delta_u * u + d_delta_A, dA.sum(0),
-                dB[:, :, 0].permute(1, 2, 0), dC[:, :, 0].permute(1, 2, 0))
+                dB[:, :, 0].permute(1, 2, 0), dC[:, :, 0].permute(1, 2, 0), None)
+
+
+def _decay(delta_t, A, keep, t, out=None):
+    """a_t = exp(delta_t A) [batch, dim, N], times 1 - r_t where the scan has resets (keep, or None)."""
+    a = torch.exp(delta_t * A, out=out)
+    return a if keep is None else a.mul_(keep[t])
 
 
 # ----------------------------------------------------------------------------- the Triton kernels (GPU)
@@ -306,6 +343,8 @@ class SelectiveScanFn(torch.autograd.Function):
 # chunk's h from the saved state before it: one more scan per chunk, far cheaper than the memory traffic.
 # dB and dC sum over channels, which several programs own: each program writes its partial sums to
 # [batch, channel blocks, N, L] buffers, summed afterwards in torch (deterministic, no atomics).
+# Resets (HAS_RESET) turn every a_t, forward and backward, into a_t (1 - r_t) (`_decay_tile`): a reset at a
+# chunk's first step shuts the carried h out, one at the next chunk's first step shuts g_carry out.
 
 # Tiles of [16 channels, 32 steps] over 4 warps: 4 values per thread and tile. Compiled for sm_90 without a
 # GPU (triton.compile + cuobjdump), the forward takes 139 registers a thread and the backward 244, with no
@@ -326,6 +365,24 @@ def _column(H, offs_n, n):
 
 
 @jit
+def _load_keep(reset_ptr, offs, mask, HAS_RESET: tl.constexpr):
+    """1 - r_t along a chunk of one batch row's time steps (1 where masked); without resets, nothing to load."""
+    keep = 1.0
+    if HAS_RESET:
+        keep = 1.0 - tl.load(reset_ptr + offs, mask=mask, other=0).to(tl.float32)
+    return keep
+
+
+@jit
+def _decay_tile(delta, A_n, keep, HAS_RESET: tl.constexpr):
+    """a_t = exp(delta_t A[:, n]) of a [BLOCK_D, CHUNK] tile, times 1 - r_t with resets."""
+    a = tl.exp(delta * A_n[:, None])
+    if HAS_RESET:
+        a = a * keep[None, :]
+    return a
+
+
+@jit
 def _load_delta(delta_ptr, bias, offs, mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
     """delta tile after bias and softplus (zero where masked: a = 1, b = 0, a step that changes nothing),
     and d delta / d delta_raw."""
@@ -340,10 +397,10 @@ def _load_delta(delta_ptr, bias, offs, mask, HAS_BIAS: tl.constexpr, SOFTPLUS: t
 
 
 @jit
-def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, states_ptr,
-                     dim, L, N, n_chunks,
+def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, reset_ptr, out_ptr,
+                     states_ptr, dim, L, N, n_chunks,
                      HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-                     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
+                     HAS_RESET: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
     b, block = tl.program_id(0).to(tl.int64), tl.program_id(1)
     offs_d = block * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n, offs_k = tl.arange(0, BLOCK_N), tl.arange(0, CHUNK)
@@ -361,13 +418,14 @@ def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_p
         mask = mask_d[:, None] & mask_t[None, :]
         delta, _ = _load_delta(delta_ptr, bias, rows + offs_t[None, :], mask, HAS_BIAS, SOFTPLUS)
         u = tl.load(u_ptr + rows + offs_t[None, :], mask=mask, other=0.0).to(tl.float32)
+        keep = _load_keep(reset_ptr, b * L + offs_t, mask_t, HAS_RESET)
         delta_u = delta * u
         y = tl.zeros((BLOCK_D, CHUNK), tl.float32)
         for n in range(N):
             A_n = tl.load(A_ptr + offs_d * N + n, mask=mask_d, other=0.0).to(tl.float32)
             B_n = tl.load(B_ptr + BC_row + n * L + offs_t, mask=mask_t, other=0.0).to(tl.float32)
             C_n = tl.load(C_ptr + BC_row + n * L + offs_t, mask=mask_t, other=0.0).to(tl.float32)
-            a = tl.exp(delta * A_n[:, None])
+            a = _decay_tile(delta, A_n, keep, HAS_RESET)
             x = delta_u * B_n[None, :]
             x = tl.where(first, x + a * _column(h_carry, offs_n, n)[:, None], x)   # seed with the carry
             _, h = tl.associative_scan((a, x), 1, _affine_combine)
@@ -385,11 +443,11 @@ def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_p
 
 
 @jit
-def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, states_ptr,
-                     du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
+def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, reset_ptr, dout_ptr,
+                     states_ptr, du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
                      dim, L, N, n_chunks,
                      HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-                     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
+                     HAS_RESET: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
     b, block = tl.program_id(0).to(tl.int64), tl.program_id(1)
     offs_d = block * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n, offs_k = tl.arange(0, BLOCK_N), tl.arange(0, CHUNK)
@@ -414,6 +472,8 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_p
         delta, slope = _load_delta(delta_ptr, bias, rows + offs_t[None, :], mask, HAS_BIAS, SOFTPLUS)
         delta_next, _ = _load_delta(delta_ptr, bias, rows + offs_t[None, :] + 1, mask_next, HAS_BIAS, SOFTPLUS)
         u = tl.load(u_ptr + rows + offs_t[None, :], mask=mask, other=0.0).to(tl.float32)
+        keep = _load_keep(reset_ptr, b * L + offs_t, offs_t < L, HAS_RESET)
+        keep_next = _load_keep(reset_ptr, b * L + offs_t + 1, offs_t + 1 < L, HAS_RESET)
         dy = tl.load(dout_ptr + rows + offs_t[None, :], mask=mask, other=0.0).to(tl.float32)
         if HAS_Z:
             z = tl.load(z_ptr + rows + offs_t[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -432,13 +492,13 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_p
             B_n = tl.load(B_ptr + BC_row + n * L + offs_t, mask=offs_t < L, other=0.0).to(tl.float32)
             C_n = tl.load(C_ptr + BC_row + n * L + offs_t, mask=offs_t < L, other=0.0).to(tl.float32)
             # recompute this chunk's states from the saved one, exactly as the forward did
-            a = tl.exp(delta * A_n[:, None])
+            a = _decay_tile(delta, A_n, keep, HAS_RESET)
             x = delta_u * B_n[None, :]
             seeded = tl.where(first, x + a * _column(h_carry, offs_n, n)[:, None], x)
             _, h = tl.associative_scan((a, seeded), 1, _affine_combine)
             y += h * C_n[None, :]
             # g_t = C_t dy_t + a_{t+1} g_{t+1}; the chunk's last step reaches g_carry through a_{t+1}
-            a_next = tl.exp(delta_next * A_n[:, None])
+            a_next = _decay_tile(delta_next, A_n, keep_next, HAS_RESET)
             Cdy = dy * C_n[None, :]
             Cdy = tl.where(last, Cdy + a_next * _column(g_carry, offs_n, n)[:, None], Cdy)
             _, g = tl.associative_scan((a_next, Cdy), 1, _affine_combine, reverse=True)
@@ -467,23 +527,23 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_p
     tl.store(dbias_ptr + b * dim + offs_d, dbias, mask=mask_d)
 
 
-def _scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+def _scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reset):
     if triton is None:
         raise RuntimeError("selective_scan backend 'triton' needs the triton package; use backend='torch'")
     if not u.is_cuda and not _INTERPRETED:
         raise ValueError(f"selective_scan backend 'triton' runs on CUDA tensors (got {u.device}); use "
                          "backend='torch' on a CPU, or set TRITON_INTERPRET=1 before importing mamba (slow; tests)")
-    return TritonScanFn.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return TritonScanFn.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reset)
 
 
 class TritonScanFn(torch.autograd.Function):
     """The two kernels as one autograd node. Inputs are made contiguous ([batch, dim, L] with time
-    innermost); a missing D / z / delta_bias is passed as a dummy pointer that the kernel never reads."""
+    innermost); a missing D / z / delta_bias / reset is passed as a dummy pointer that the kernel never reads."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reset):
         u, delta, A, B, C = (t.contiguous() for t in (u, delta, A, B, C))
-        D, z, delta_bias = (None if t is None else t.contiguous() for t in (D, z, delta_bias))
+        D, z, delta_bias, reset = (None if t is None else t.contiguous() for t in (D, z, delta_bias, reset))
         batch, dim, L = u.shape
         N, chunk = A.shape[1], _chunk(L)
         n_chunks = triton.cdiv(L, chunk)
@@ -492,10 +552,11 @@ class TritonScanFn(torch.autograd.Function):
         block_d = min(BLOCK_D, triton.next_power_of_2(dim))
         with _device_of(u):
             _scan_fwd_kernel[(batch, triton.cdiv(dim, block_d))](
-                u, delta, A, B, C, _or(D, u), _or(z, u), _or(delta_bias, u), out, states, dim, L, N, n_chunks,
-                D is not None, z is not None, delta_bias is not None, bool(delta_softplus),
-                BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(N), CHUNK=chunk, num_warps=NUM_WARPS)
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states)
+                u, delta, A, B, C, _or(D, u), _or(z, u), _or(delta_bias, u), _or(reset, u), out, states,
+                dim, L, N, n_chunks, D is not None, z is not None, delta_bias is not None, bool(delta_softplus),
+                reset is not None, BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(N), CHUNK=chunk,
+                num_warps=NUM_WARPS)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, reset, states)
         ctx.delta_softplus = bool(delta_softplus)
         last_state = states[:, :, -1].clone()
         ctx.mark_non_differentiable(last_state)
@@ -503,7 +564,7 @@ class TritonScanFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, _):
-        u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
+        u, delta, A, B, C, D, z, delta_bias, reset, states = ctx.saved_tensors
         batch, dim, L = u.shape
         N, chunk, n_chunks = A.shape[1], _chunk(L), states.shape[2]
         block_d = min(BLOCK_D, triton.next_power_of_2(dim))
@@ -514,13 +575,13 @@ class TritonScanFn(torch.autograd.Function):
         dB, dC = torch.empty(batch, n_blocks, N, L, **f32), torch.empty(batch, n_blocks, N, L, **f32)
         with _device_of(u):
             _scan_bwd_kernel[(batch, n_blocks)](
-                u, delta, A, B, C, _or(D, u), _or(z, u), _or(delta_bias, u), dout.contiguous(), states,
-                du, ddelta, dz, dA, dB, dC, dD, dbias, dim, L, N, n_chunks,
-                D is not None, z is not None, delta_bias is not None, ctx.delta_softplus,
+                u, delta, A, B, C, _or(D, u), _or(z, u), _or(delta_bias, u), _or(reset, u), dout.contiguous(),
+                states, du, ddelta, dz, dA, dB, dC, dD, dbias, dim, L, N, n_chunks,
+                D is not None, z is not None, delta_bias is not None, ctx.delta_softplus, reset is not None,
                 BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(N), CHUNK=chunk, num_warps=NUM_WARPS)
         return (du, ddelta, dA.sum(0).to(A.dtype), dB.sum(1).to(B.dtype), dC.sum(1).to(C.dtype),
                 None if D is None else dD.sum(0).to(D.dtype), None if z is None else dz,
-                None if delta_bias is None else dbias.sum(0).to(delta_bias.dtype), None)
+                None if delta_bias is None else dbias.sum(0).to(delta_bias.dtype), None, None)
 
 
 def _chunk(L):

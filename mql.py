@@ -4,8 +4,11 @@ paper compares with (Section 5, "How does AD compare to other Meta-RL approaches
 MQL is TD3 (Fujimoto et al. 2018) with a context, meta-trained on many tasks at once, plus a test-time
 adaptation by off-policy updates (MQL Section 4, Algorithm 1):
   - context: a GRU reads the last H transitions (obs, act, rew) of the current episode (zero-padded at its
-    start); its output z is fed beside the observation to the actor and to the twin critics (each net has
-    its own GRU). z is what tells the tasks apart: the task itself is hidden.
+    start); its output z is fed beside the observation to the actor and to the twin critics. z is what
+    tells the tasks apart: the task itself is hidden. MQL's code gives the actor and the critic each a GRU
+    of its own; here one GRU serves both, trained by the critics' loss (the actor reads z detached), so a
+    batch needs one GRU pass instead of two (the GRU is most of an update's cost) and z is learnt as a
+    value-predictive summary of the episode so far.
   - meta-training (MQL eq. 7): ONE actor and ONE critic, trained by plain TD3 on batches drawn from the
     replay of every training task (no MAML-style inner loop): twin critics, target policy smoothing
     a' = clip(mu'(s') + clip(N(0, sigma), -c, c), -1, 1), a delayed actor update (every d-th critic
@@ -31,12 +34,16 @@ scores it: `python evaluate.py out/point_goal/mql`) and `meta.pt` (the meta-trai
     python mql.py --env point_goal --seed 0 --threads 1          # -> out/point_goal/mql/results.json
     python mql.py --env point_goal --seed 1 --out out/point_goal/mql_s1
 
-Defaults are the MQL paper's / code's (lr 3e-4, batch 256, gamma 0.99, tau 0.005, target noise 0.3 clipped
-at 0.5, actor every 2 updates, exploration noise 0.2, 300x300 nets, 30-unit GRU, history 30, 10 updates on
-D_new, 100 on the replay with 5x larger batches, logistic regression C = 0.5, beta clip 1), except where
-CPU_SCALE overrides them for an env (stated there, with why). The meta-training budget is set in env steps
-per task (--steps, default: as many as AD's data holds per task) so MQL sees as many online transitions as
-the SAC that made AD's data; MQL itself ran millions of steps per environment.
+Defaults are the MQL paper's / code's: lr 3e-4, batch 256, gamma 0.99, tau 0.005, target noise 0.3 clipped
+at 0.5, actor every 2 updates, exploration noise 0.2, 300x300 nets, 30-unit GRU, history 30, 0.5 TD3 updates
+per env transition (MQL's code runs 500 updates per 5 collected 200-step episodes once its replay holds 1e5
+transitions), and for the adaptation 10 updates on D_new, 100 on the replay with 5x larger batches, fresh
+Adams at Adam's default lr 1e-3 (--adapt-lr), logistic regression C = 0.5, beta clip 1. On a CPU, CPU_SCALE
+lowers some of them for an env (stated there, with why; printed when in force); a flag given on the command
+line always wins. The budget is set in env steps per task (--steps, default: as many as AD's data holds per
+task) so that MQL sees as many online transitions as the SAC that made AD's data; the update budget that
+follows from it (TD3 updates in all) is printed beside it and written to results.json. MQL itself ran
+millions of steps per environment.
 """
 import argparse
 import copy
@@ -54,20 +61,19 @@ import envs
 import rl
 import sac
 
-# Per-env CPU-scale overrides of the paper's defaults, to keep a run near 10 minutes on one (shared) thread:
-# 64-unit nets (as sac.py uses on point_goal) instead of 300; a history of 5 transitions instead of 30 (the
-# GRU dominates the cost, linearly in H; point_goal episodes are 20 steps, and a few (position, reward)
-# pairs locate the goal); lr 1e-3 (TD3's own; MQL's 3e-4 is for millions of updates: after 1,450 vector
-# steps, 2,700 updates, the training return was -13.9 with 3e-4, -9.3 with 1e-3); 2 updates per vector step
-# of all training tasks (7,800 in all); adaptation with 40 instead of 100 replay updates on 1 x 256 instead
-# of 5 x 256 transitions per stream (30 test streams adapt at once, 9 times each on point_goal).
-# On reacher_goal (50-step episodes, 70 tasks x 20k steps: 20,000 vector steps, 1 update each) 128-unit nets,
-# a history of 10 and the same lr and adaptation; at the paper's 300 units, H 30 and 5 x 256-transition
-# replay batches one adaptation of the 30 test streams ran over 7 minutes (beside two other jobs), and a test
-# run adapts 19 times; with these, all 19 and the 20 episodes took 6-7 minutes (RESULTS.md).
+# Per-env reductions of the defaults, in force on a CPU only, so that a run takes about ten minutes on one core
+# (the reference's 0.5 updates per transition would be 2e5 updates for point_goal's 4e5 env steps and
+# millions for reacher_goal's, at 5-15 ms an update there: hours to days). What each trades:
+#   updates_per_transition  the largest ratio that fits that time: fewer updates, not fewer env steps;
+#   hidden 64 / 128         sac.py's width on point_goal, instead of 300;
+#   history 5 / 10          the GRU's cost grows linearly in H; a few (position, reward) pairs locate a goal;
+#   lr 1e-3                 TD3's own: MQL's 3e-4 suits its millions of updates, not tens of thousands;
+#   replay_updates 40, sample_mult 1: the adaptation (every test stream at once, before each of the 9 or 19
+#                           later episodes) on 40 batches of 256 instead of 100 of 5 x 256 replay transitions.
 CPU_SCALE = {
-    "point_goal": dict(hidden=64, history=5, lr=1e-3, updates_per_step=2, replay_updates=40, sample_mult=1),
-    "reacher_goal": dict(hidden=128, history=10, lr=1e-3, replay_updates=40, sample_mult=1),
+    "point_goal": dict(hidden=64, history=5, lr=1e-3, updates_per_transition=0.1, replay_updates=40, sample_mult=1),
+    "reacher_goal": dict(hidden=128, history=10, lr=1e-3, updates_per_transition=0.015, replay_updates=40,
+                         sample_mult=1),
 }
 
 
@@ -119,16 +125,16 @@ class TD3:
         for name in NETS:
             target = copy.deepcopy(getattr(self, name)).requires_grad_(False)
             setattr(self, name + "_target", target)
-        self.reset_optimizers()
+        self.reset_optimizers(args.lr)
         self.anchor = None  # theta_meta's (actor, encoder + critic) parameters while adapting
         self.n_updates = 0
 
     def critic_parameters(self):
         return [*self.encoder.parameters(), *self.critic.parameters()]
 
-    def reset_optimizers(self):
-        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=self.args.lr)
-        self.critic_opt = torch.optim.Adam(self.critic_parameters(), lr=self.args.lr)
+    def reset_optimizers(self, lr):
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=lr)
+        self.critic_opt = torch.optim.Adam(self.critic_parameters(), lr=lr)
 
     def act(self, obs, context):
         """mu([s, z]) for obs [n, B, obs_dim] and contexts [n, B, H, d] (no gradient)."""
@@ -182,8 +188,8 @@ class TD3:
         return (prox * dist).sum()
 
     def copies(self, n):
-        """A TD3 with n copies of this one's (single) nets, fresh optimisers (as MQL's adaptation starts)
-        and theta_meta kept as their proximal anchor."""
+        """A TD3 with n copies of this one's (single) nets, fresh optimisers at --adapt-lr (as MQL's
+        adaptation starts) and theta_meta kept as their proximal anchor."""
         agent = copy.deepcopy(self)
         for name in NETS:
             for suffix in ("", "_target"):
@@ -191,7 +197,7 @@ class TD3:
                     p.data = p.data.repeat(n, *([1] * (p.dim() - 1)))
         agent.anchor = ([p.detach().clone() for p in agent.actor.parameters()],
                         [p.detach().clone() for p in agent.critic_parameters()])
-        agent.reset_optimizers()
+        agent.reset_optimizers(self.args.adapt_lr)
         agent.n_updates = 0
         return agent
 
@@ -231,10 +237,18 @@ def add(buf, obs, action, rew, next_obs):
 
 # ----------------------------------------------------------------------------- meta-training
 
+def updates_due(transitions, ratio):
+    """TD3 updates owed after `transitions` post-burn-in env transitions (0 before any): floor(n x ratio),
+    with a hair of slack so that 0.1 x 30 is 3, not float's 2.9999."""
+    return max(0, math.floor(transitions * ratio + 1e-9))
+
+
 def meta_train(args, tasks):
     """Multi-task TD3 (MQL eq. 7) on all training tasks at once: one vector step = one transition per
-    task x env; `updates_per_step` updates per vector step on batches from every task's replay.
-    Returns the agent (one copy: theta_meta) and the replay buffer."""
+    task x env. After the burn-in, TD3 updates on batches from every task's replay keep pace with the
+    transitions: after n of them, floor(n x updates_per_transition) updates in all (so a ratio under
+    1 / (tasks x envs) still updates, every few vector steps). Returns the agent (one copy: theta_meta)
+    and the replay buffer."""
     vec = envs.MultiTaskVecEnv(args.env, tasks, args.n_envs, seed=args.seed)
     T, E, H = vec.n_tasks, vec.n_envs, args.history
     n_steps = args.steps // (E * vec.horizon) * vec.horizon
@@ -257,9 +271,9 @@ def meta_train(args, tasks):
         next_obs = torch.as_tensor(next_obs, device=args.device)
         add(buf, obs, action, torch.as_tensor(rew, device=args.device), next_obs)
         obs = torch.as_tensor(vec.reset(), device=args.device) if episode_over else next_obs
-        if t >= burn_in:
-            for _ in range(args.updates_per_step):
-                agent.update(sample(buf, 1, args.batch_size, H))
+        due = updates_due((t + 1 - burn_in) * T * E, args.updates_per_transition)
+        while agent.n_updates < due:
+            agent.update(sample(buf, 1, args.batch_size, H))
         if episode_over:
             bar.set_postfix(ret=f"{buf.rew[:, :, t + 1 - vec.horizon:t + 1].sum(-1).mean():.2f}", refresh=False)
     bar.close()
@@ -362,6 +376,9 @@ def run(args):
     args.steps = args.steps or source_steps
     if args.steps < args.n_envs * settings.horizon:
         raise ValueError(f"--steps {args.steps} is less than one episode per env")
+    if args.updates_per_transition <= 0 or args.adapt_lr <= 0:
+        raise ValueError(f"--updates-per-transition ({args.updates_per_transition}) and --adapt-lr "
+                         f"({args.adapt_lr}) must be positive")
     envs.prepare_out_dir(args.out)
     torch.manual_seed(args.seed)
     train_tasks = envs.sample_tasks(args.env, args.tasks, "train", seed=args.task_seed)
@@ -369,8 +386,9 @@ def run(args):
     t0 = time.perf_counter()
     meta, replay = meta_train(args, train_tasks)
     meta_steps, meta_updates = replay.obs.shape[0] * replay.obs.shape[1] * replay.n, meta.n_updates
-    print(f"meta-training: {meta_steps:,} online env steps ({args.tasks} tasks x {meta_steps // args.tasks:,}), "
-          f"{meta_updates:,} TD3 updates, {time.perf_counter() - t0:.0f} s; the AD data it is compared with: "
+    budget = (f"{meta_steps:,} online env steps ({args.tasks} tasks x {meta_steps // args.tasks:,}), "
+              f"{meta_updates:,} TD3 updates ({args.updates_per_transition:g} per transition after the burn-in)")
+    print(f"meta-training: {budget}, {time.perf_counter() - t0:.0f} s; the AD data it is compared with: "
           f"{data['returns'].shape[0]} tasks x {source_steps:,} {data['algo']} steps")
     ad.save_atomic({**{name: getattr(meta, name).state_dict() for name in NETS}, "args": vars(args)},
                    os.path.join(args.out, "meta.pt"))
@@ -384,8 +402,10 @@ def run(args):
                   f"weighted meta-training replay batches with the proximal term)")
     result = dict(env=args.env, method="MQL", train_seed=args.seed, tasks=test_tasks.tolist(),
                   seeds=args.test_seeds, returns=returns.tolist(), source_final=final, source_curve=curve,
-                  algo=data["algo"], k=args.k, adaptation=adaptation, meta_train_env_steps=meta_steps,
-                  meta_train_updates=meta_updates, seconds=time.perf_counter() - t0, args=vars(args))
+                  algo=data["algo"], k=args.k, data=os.path.abspath(data_dir), adaptation=adaptation,
+                  budget=budget, meta_train_env_steps=meta_steps, meta_train_updates=meta_updates,
+                  selection="final weights", actions="deterministic (mu, no exploration noise)",
+                  seconds=time.perf_counter() - t0, args=vars(args))
     envs.write_json_atomic(os.path.join(args.out, "results.json"), result)
     print(f"test tasks ({time.perf_counter() - t1:.0f} s): return per episode "
           f"{' '.join(f'{r:.1f}' for r in returns.mean((0, 1)))}; {data['algo']} final {final:.2f}")
@@ -401,7 +421,8 @@ def build_parser():
     p.add_argument("--steps", type=envs.positive_int, default=None,
                    help="online env steps per training task; None: as many as AD's data holds per task")
     p.add_argument("--n-envs", type=envs.positive_int, default=1, help="envs per training task")
-    p.add_argument("--updates-per-step", type=envs.positive_int, default=1, help="TD3 updates per vector env step")
+    p.add_argument("--updates-per-transition", type=float, default=0.5,
+                   help="TD3 updates per online env transition, over all tasks (MQL's code: 0.5)")
     p.add_argument("--burn-in", type=int, default=10_000, help="random-action env steps, over all tasks")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--batch-size", type=envs.positive_int, default=256)
@@ -416,6 +437,7 @@ def build_parser():
     p.add_argument("--history", type=envs.positive_int, default=30, help="transitions in the context window H")
     p.add_argument("--snap-updates", type=int, default=10, help="adaptation: TD3 updates on the new task's data")
     p.add_argument("--replay-updates", type=int, default=100, help="adaptation: weighted updates on the replay")
+    p.add_argument("--adapt-lr", type=float, default=1e-3, help="adaptation: lr of its fresh Adams (Adam's default)")
     p.add_argument("--sample-mult", type=envs.positive_int, default=5, help="adaptation replay batch / batch size")
     p.add_argument("--beta-clip", type=float, default=1.0, help="clip of the propensity logit")
     p.add_argument("--logistic-c", type=float, default=0.5, help="inverse L2 strength of the classifier")
@@ -434,20 +456,39 @@ def build_parser():
 
 
 def parse_args(argv=None):
-    """Parse twice: --env picks the ENVS row and CPU_SCALE overrides that set the other defaults."""
-    parser = build_parser()
-    name = parser.parse_known_args(argv)[0].env
-    settings = envs.ENVS[name]
-    parser.set_defaults(tasks=settings.train_tasks, k=settings.k, **CPU_SCALE.get(name, {}))
-    args = parser.parse_args(argv)
+    """The command line, with defaults from --env's ENVS row and CPU_SCALE (envs.parse_with_env_defaults)."""
+    def defaults(env):
+        return dict(tasks=envs.ENVS[env].train_tasks, k=envs.ENVS[env].k, **CPU_SCALE.get(env, {}))
+    args = envs.parse_with_env_defaults(build_parser(), argv, defaults)
     args.out = args.out or os.path.join("out", args.env, "mql" + (f"_s{args.seed}" if args.seed else ""))
     return args
+
+
+def given_flags(argv):
+    """The destinations of the options given on the command line (argv; None: sys.argv), not defaulted."""
+    parser = build_parser()
+    parser.set_defaults(**dict.fromkeys(vars(parser.parse_args([]))))  # every default None, which no flag parses to
+    return {key for key, value in vars(parser.parse_known_args(argv)[0]).items() if value is not None}
+
+
+def scale_for_device(args, argv=None):
+    """CPU_SCALE's reductions where the run is on a CPU; elsewhere the defaults of build_parser (the
+    reference's). A flag given on the command line stays as given. Returns the reductions in force."""
+    reductions = {key: value for key, value in CPU_SCALE.get(args.env, {}).items() if key not in given_flags(argv)}
+    on_cpu = torch.device(args.device).type == "cpu"
+    for key, value in reductions.items():
+        setattr(args, key, value if on_cpu else build_parser().get_default(key))
+    return reductions if on_cpu else {}
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
         args.device = envs.resolve_device(args.device)
+        reductions = scale_for_device(args, argv)
+        if reductions:
+            print(f"CPU scale for {args.env} (mql.CPU_SCALE; a flag overrides it): "
+                  + ", ".join(f"{key} {value:g}" for key, value in reductions.items()))
         if args.threads:
             torch.set_num_threads(args.threads)
         run(args)

@@ -15,6 +15,12 @@ What AD is trained to output (--target; the histories' act_mean and act_std):
              Decision-Pretrained Transformer (Lee et al. 2023) and Vintix do), std --expert-std;
   behaviour  the behaviour's own distribution: mean (1 - eps) a*, std eps / sqrt(3) (AD-eps as written),
              floored at --expert-std.
+A context the model writes itself at test time looks like none of these: its own actions are clean
+(close to an expert's) but for the task it guessed, not the true one, and only the rewards say so. In
+the histories above, clean-looking actions always belong to the true task, so the actions alone tell
+the task and the rewards need not be read. --wrong-task P adds the missing case: in each noisy episode,
+with probability P, the expert is shown a task drawn afresh from the training distribution instead of
+the true one (the noise mixed in as usual), while the relabelled target stays the true task's a*.
 The files are the RL scripts' format (envs.save_history, algo "noise"), so ad.py reads them as they are.
 The settings, eps per episode and the expert's path go to noise.json beside them: ad.py keeps it in its
 checkpoint, and evaluate.py then scores against the expert's noise-free return on the same test tasks.
@@ -23,6 +29,7 @@ written --parallel at a time and a killed run resumes from the tasks not yet wri
 
     python noise.py --env half_cheetah_vel             # expert at checkpoints/experts/ENV -> data/ENV/noise_expert
     python noise.py --env point_goal --target behaviour --tasks 20 --episodes 40
+    python noise.py --env half_cheetah_vel --wrong-task 0.5 --out data/half_cheetah_vel/noise_wrong
     python ad.py --env half_cheetah_vel --data data/half_cheetah_vel/noise_expert --k 1
 """
 import argparse
@@ -48,27 +55,43 @@ def epsilon_schedule(n_episodes, clean=0.2, power=1.5):
     return np.concatenate([noisy, np.zeros(n_episodes - n_noisy)]).astype(np.float32)
 
 
-def noise_histories(expert, name, tasks, task_ids, eps, streams, target, expert_std, seed):
+def shown_tasks(name, tasks, streams, epsilon, wrong_task, task_rngs):
+    """The task the expert is shown in each stream for one episode, [T, E, task_dim]: the true one, or
+    (in a noisy episode, with probability wrong_task) one drawn afresh from the training distribution."""
+    shown = np.repeat(tasks[:, None], streams, 1)
+    if epsilon > 0 and wrong_task > 0:
+        sample = envs.env_settings(name).sample_task
+        for i, rng in enumerate(task_rngs):
+            for j in np.flatnonzero(rng.random(streams) < wrong_task):
+                shown[i, j] = sample(rng)
+    return shown
+
+
+def noise_histories(expert, name, tasks, task_ids, eps, streams, target, expert_std, seed, wrong_task=0.0):
     """Roll the expert out with annealed noise on `tasks` (streams copies each) for len(eps) episodes.
     Returns one dict of history arrays per task, as envs.save_history takes them."""
     vec = envs.MultiTaskVecEnv(name, tasks, streams, seed=seed, task_ids=task_ids)
-    rngs = [np.random.default_rng([seed, i, 0x0E5]) for i in task_ids]  # per task: independent of chunking
-    shown = np.repeat(tasks[:, None], streams, 1)
+    # per task: independent of chunking
+    rngs = [np.random.default_rng([seed, i, 0x0E5]) for i in task_ids]
+    task_rngs = [np.random.default_rng([seed, i, 0x7A5]) for i in task_ids]
+    true = np.repeat(tasks[:, None], streams, 1)
     T, E, H, A = len(tasks), streams, vec.horizon, vec.act_dim
     arrays = {"obs": np.zeros((T, E, len(eps), H, vec.obs_dim), np.float32), "rew": np.zeros((T, E, len(eps), H), np.float32),
               **{key: np.zeros((T, E, len(eps), H, A), np.float32) for key in ("act", "act_mean", "act_std")}}
     for e, epsilon in enumerate(eps):
         obs = vec.reset()
+        shown = shown_tasks(name, tasks, streams, epsilon, wrong_task, task_rngs)
         for t in range(H):
             # one call per task: a matmul's rounding depends on its row count, and a task's history must
             # not depend on the tasks rolled out beside it
-            best = np.stack([expert(obs[i], shown[i]).numpy() for i in range(T)])
+            best = np.stack([expert(obs[i], true[i]).numpy() for i in range(T)])
+            guided = best if (shown == true).all() else np.stack([expert(obs[i], shown[i]).numpy() for i in range(T)])
             u = np.stack([rng.uniform(-1, 1, (E, A)) for rng in rngs])
-            act = (1 - epsilon) * best + epsilon * u  # a convex mix of two actions in [-1, 1]: no clip needed
+            act = (1 - epsilon) * guided + epsilon * u  # a convex mix of two actions in [-1, 1]: no clip needed
             if target == "expert":
                 mean, std = best, expert_std
             else:
-                mean, std = (1 - epsilon) * best, max(epsilon * sac.UNIFORM_STD, expert_std)
+                mean, std = (1 - epsilon) * guided, max(epsilon * sac.UNIFORM_STD, expert_std)
             for key, value in (("obs", obs), ("act", act), ("act_mean", mean), ("act_std", std)):
                 arrays[key][:, :, e, t] = value
             obs, arrays["rew"][:, :, e, t], _ = vec.step(act)
@@ -97,7 +120,7 @@ def run(args):
     envs.prepare_out_dir(args.out)
     settings = {"env": args.env, "expert": args.expert, "target": args.target, "tasks": args.tasks,
                 "streams": args.streams, "episodes": args.episodes, "clean": args.clean, "power": args.power,
-                "expert_std": args.expert_std, "seed": args.seed, "eps": eps.round(4).tolist()}
+                "expert_std": args.expert_std, "wrong_task": args.wrong_task, "seed": args.seed, "eps": eps.round(4).tolist()}
     check_settings(args.out, settings)
     tasks = envs.sample_tasks(args.env, args.tasks, "train", seed=args.seed)
     todo = envs.pending_tasks(args.out, tasks, env=args.env, algo="noise", seed=args.seed, steps=steps)
@@ -107,7 +130,7 @@ def run(args):
     for start in tqdm(range(0, len(todo), args.parallel), desc="tasks", unit="chunk", disable=not todo):
         chunk = todo[start:start + args.parallel]
         histories = noise_histories(expert, args.env, tasks[chunk], chunk, eps, args.streams, args.target,
-                                    args.expert_std, args.seed)
+                                    args.expert_std, args.seed, args.wrong_task)
         for i, history in zip(chunk, histories):
             envs.save_history(envs.history_path(args.out, i), **history, task=tasks[i], env=args.env,
                               algo="noise", seed=args.seed, steps=steps)
@@ -131,6 +154,8 @@ def build_parser():
     p.add_argument("--power", type=float, default=1.5, help="eps_e = (1 - e / n_noisy) ** power")
     p.add_argument("--expert-std", type=float, default=0.05,
                    help="std of the relabelled target (and the floor of the behaviour's)")
+    p.add_argument("--wrong-task", type=float, default=0.0,
+                   help="probability that the expert is shown a random task in a noisy episode (0: AD-eps as published)")
     p.add_argument("--parallel", type=envs.positive_int, default=10, help="tasks rolled out (and written) together")
     p.add_argument("--seed", type=int, default=0, help="seeds the training tasks, envs and noise")
     p.add_argument("--threads", type=envs.positive_int, default=1, help="torch CPU threads (the expert is tiny)")
@@ -142,6 +167,8 @@ def parse_args(argv=None):
     args = build_parser().parse_args(argv)
     if not 0 <= args.clean < 1:
         sys.exit(f"error: --clean {args.clean} must be in [0, 1)")
+    if not 0 <= args.wrong_task <= 1:
+        sys.exit(f"error: --wrong-task {args.wrong_task} must be in [0, 1]")
     if args.expert_std <= 0:
         sys.exit(f"error: --expert-std {args.expert_std} must be positive")
     args.tasks = args.tasks or envs.env_settings(args.env).train_tasks

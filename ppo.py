@@ -240,7 +240,7 @@ def build_parser():
     p.add_argument("--norm-reward", action=argparse.BooleanOptionalAction, default=False,
                    help="scale each task's rewards by the running std of its discounted return (SB3 "
                         "VecNormalize); the history keeps the true rewards (on for pusher_goal: envs.ENVS)")
-    # PPO's 64-sample minibatches of 64-unit nets gain nothing from bf16 (Pusher, 35 tasks: 0.96x; RESULTS.md)
+    # PPO's 64-sample minibatches of 64-unit nets are too small for bf16 matmuls to pay for their casts
     p.set_defaults(dtype="fp32")
     return p
 

@@ -208,18 +208,17 @@ def base_parser(algo, description):
 
 
 def parse_args(parser, argv, algo):
-    """Parse twice: first --env, whose ENVS row (and its overrides for `algo`) then sets the defaults
-    of everything else."""
-    name = parser.parse_known_args(argv)[0].env
-    settings = envs.ENVS[name]
-    parser.set_defaults(**{"tasks": settings.train_tasks, "steps": settings.steps_per_task,
-                           **settings.rl.get(algo, {})})
-    args = parser.parse_args(argv)
+    """The command line, with the defaults of --env's ENVS row and its overrides for `algo`
+    (envs.parse_with_env_defaults)."""
+    def defaults(env):
+        settings = envs.ENVS[env]
+        return {"tasks": settings.train_tasks, "steps": settings.steps_per_task, **settings.rl.get(algo, {})}
+    args = envs.parse_with_env_defaults(parser, argv, defaults)
     try:
         args.device = envs.resolve_device(args.device)
     except ValueError as e:
         parser.error(str(e))
-    args.bf16 = args.dtype == "bf16" or (args.dtype == "auto" and envs.bf16_is_fast(args.device))
+    args.bf16 = envs.use_bf16(args.dtype, args.device)
     return args
 
 
@@ -302,9 +301,9 @@ CPU_ACTIVATION_BUDGET = 12 * 2 ** 20  # bytes
 
 def default_parallel(args, n_tasks):
     """All tasks at once on a GPU. On a CPU, batching more tasks stops paying once one layer's
-    activations (2 networks x tasks x batch x hidden floats) outgrow the caches. Measured on 2 cores
-    (bench.py rl): 256-unit nets did best at 20 of 1-70 tasks (912 env steps/s; 653 with 70 at once),
-    64-unit nets at 100 of 1, 10, 100."""
+    activations (2 networks x tasks x batch x hidden floats) outgrow the caches; CPU_ACTIVATION_BUDGET
+    puts the chunk near where `bench.py rl` found the most env steps per second on 2 cores (RESULTS.md):
+    24 tasks of 256-unit nets at batch 256, 96 of 64-unit ones."""
     if args.device.startswith("cuda"):
         return n_tasks
     per_task = 2 * args.batch_size * args.hidden * 4

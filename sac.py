@@ -32,7 +32,9 @@ import rl
 
 # ----------------------------------------------------------------------------- the networks
 
-LOG_STD_MIN, LOG_STD_MAX = -20, 2
+# Bounds of the policy's log-std *before* tanh (SB3's): the floor keeps log pi finite, the cap (std 7.4) keeps
+# the samples from piling up at the box's edges. AD's Gaussian head acts in the box itself: ad.HEAD_LOG_STD.
+PRE_TANH_LOG_STD = (-20, 2)
 
 
 class Actor(nn.Module):
@@ -45,7 +47,7 @@ class Actor(nn.Module):
 
     def forward(self, obs):
         mu, log_std = self.net(obs).float().chunk(2, dim=-1)  # fp32 from here on, also under bf16 autocast
-        return mu, log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
+        return mu, log_std.clamp(*PRE_TANH_LOG_STD)
 
     def sample(self, obs, rng):
         """a ~ pi(.|s) with its log-density, by the reparameterisation trick; the noise from each task's

@@ -32,6 +32,7 @@ import mql
 import noise
 import ppo
 import rl
+import rl2
 import sac
 import transformer
 
@@ -202,6 +203,21 @@ def test_history_rejects_bad_files(tmp_path):
     np.savez(path, **{k: v for k, v in bad.items() if k != "act"})
     with pytest.raises(envs.HistoryError, match="missing arrays"):
         envs.load_history(path)
+
+
+@pytest.mark.parametrize("content", [b"obs, act, rew\n", bytes(range(256)), b""])
+def test_a_garbage_history_file_is_named_as_such(tmp_path, content):
+    """A file that is no .npz at all (text, random bytes, empty) under a history's name: one line naming it,
+    not numpy's complaint about pickled data; ad.py exits with that line (status 1: sys.exit(message))."""
+    path = tmp_path / "task_000.npz"
+    path.write_bytes(content)
+    message = f"{path}: not a .npz file written by the RL scripts"
+    with pytest.raises(envs.HistoryError) as e:
+        envs.load_history(str(path))
+    assert str(e.value) == message
+    with pytest.raises(SystemExit) as e:
+        ad.main(["--env", "point_goal", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--device", "cpu"])
+    assert e.value.code == f"error: {message}"
 
 
 def _set(key, index, value):
@@ -901,6 +917,10 @@ def test_selective_scan_rejects_bad_shapes():
         mamba.selective_scan(**{**inputs, "B": inputs["B"][:, :, :4]})
     with pytest.raises(ValueError, match="unknown selective_scan backend"):
         mamba.selective_scan(**inputs, backend="cuda")
+    with pytest.raises(ValueError, match="reset must have shape"):
+        mamba.selective_scan(**inputs, reset=torch.zeros(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="reset must be a bool tensor"):
+        mamba.selective_scan(**inputs, reset=torch.zeros(2, 5))
 
 
 def test_mamba_step_reproduces_forward():
@@ -1236,6 +1256,73 @@ def test_evaluate_scores_a_baseline_results_file(tmp_path, capsys):
     assert "not run on the test tasks" in str(e.value.code)
 
 
+def _baseline_results(directory, method="MQL", n_tasks=2, n_episodes=8, **extra):
+    """A baseline's results.json on the first n_tasks test tasks, 2 seeds: returns -10 in every episode,
+    the source's training-task final -4.5 (its curve: 8 episodes downsampled 4-fold)."""
+    result = dict(env="point_goal", method=method, train_seed=0,
+                  tasks=envs.sample_tasks("point_goal", n_tasks, "test").tolist(), seeds=2,
+                  returns=np.full((n_tasks, 2, n_episodes), -10.0).tolist(), source_final=-4.5,
+                  source_curve=[-20.0, -4.5], algo="sac", k=4, adaptation="none", **extra)
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "results.json"), "w") as f:
+        json.dump(result, f)
+    return result
+
+
+def test_evaluate_refuses_runs_scored_on_different_tasks_or_episodes(tmp_path, capsys):
+    """Two tasks beside three, or 8 episodes beside 6, make no comparison: a one-line error unless
+    --allow-mixed. A baseline row prints its own seed count (2, not --seeds' 3), and scores.md says how
+    each row was made: budget, scored weights, actions, the strict score's 1."""
+    _baseline_results(tmp_path / "mql", budget="120 TD3 updates")
+    _baseline_results(tmp_path / "macaw", method="MACAW", n_tasks=3)
+    _baseline_results(tmp_path / "short", method="MACAW", n_episodes=6)
+    for other in ("macaw", "short"):
+        argv = [str(tmp_path / "mql"), str(tmp_path / other), "--device", "cpu", "--out", str(tmp_path / "cmp")]
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(argv)
+        message = str(e.value.code)
+        assert "different test tasks or episode counts" in message and "--allow-mixed" in message
+        assert "\n" not in message
+    evaluate.main(argv + ["--allow-mixed"])
+    printed = capsys.readouterr().out
+    assert "on 2 test tasks x 2 seeds, actions deterministic" in printed and "x 3 seeds" not in printed
+    scores = (tmp_path / "cmp" / "scores.md").read_text()
+    assert "| MQL | 120 TD3 updates | final weights | deterministic | -4.50, sac on the training tasks |" in scores
+
+
+def test_strict_score_uses_the_source_run_on_the_test_tasks(tmp_path):
+    """With the source's own run on the test tasks beside the training data (DATA_test), its final return
+    (the last 10% of its episodes: here -2 each) is the strict score's 1, and eval.json says so; without
+    one, the training-task final (-4.5), flagged; a run on other tasks is not taken for it."""
+    tasks = envs.sample_tasks("point_goal", 2, "test")
+
+    def source_run(directory, tasks):
+        for i, task in enumerate(tasks):
+            envs.save_history(envs.history_path(directory, i), obs=np.zeros((1, 8, 20, 2)), act=np.zeros((1, 8, 20, 2)),
+                              rew=np.full((1, 8, 20), -0.1), task=task, env="point_goal", algo="sac", seed=0,
+                              steps=160)
+
+    _baseline_results(tmp_path / "mql", data=str(tmp_path / "data" / "sac"))
+    floor = max(envs.baseline_return("point_goal", tasks, policy) for policy in ("zero", "random"))
+
+    def summary(*flags):
+        evaluate.main([str(tmp_path / "mql"), "--tasks", "2", "--device", "cpu", *flags])
+        return json.load(open(tmp_path / "mql" / "eval.json"))["summary"]
+    s = summary()
+    assert (s["source_final"], s["source_final_on"]) == (-4.5, "training tasks")
+    source_run(tmp_path / "data" / "sac_test", envs.sample_tasks("point_goal", 2, "train"))   # not the test tasks
+    assert summary()["source_final_on"] == "training tasks"
+    source_run(tmp_path / "data" / "sac_test", tasks)
+    s = summary()
+    assert s["source_final"] == pytest.approx(-2.0) and s["source_final_on"] == "test tasks"
+    assert str(tmp_path / "data" / "sac_test") in s["source_final_from"]
+    assert s["score_last5"] == pytest.approx((-10 - floor) / (-2 - floor))
+    source_run(tmp_path / "elsewhere", envs.sample_tasks("point_goal", 2, "val"))
+    with pytest.raises(SystemExit) as e:
+        summary("--source-test-data", str(tmp_path / "elsewhere"))
+    assert "does not hold sac histories of the first 2 test tasks" in str(e.value.code)
+
+
 SHIPPED = sorted(os.path.relpath(os.path.dirname(p), HERE)  # checkpoints/ENV/ARCH and checkpoints/ENV/noise/ARCH
                  for pattern in (("*", "*"), ("*", "noise", "*"))
                  for p in glob.glob(os.path.join(HERE, "checkpoints", *pattern, "ckpt.pt")))
@@ -1429,8 +1516,9 @@ def test_ad_trains_and_evaluates_a_transformer(tmp_path):
     results = json.load(open(tmp_path / "eval" / "eval.json"))
     assert [r["arch"] for r in results] == ["transformer"] * 2 and [r["train_seed"] for r in results] == [0, 1]
     assert np.asarray(results[0]["returns"]).shape == (2, 1, 5)
-    table = (tmp_path / "eval" / "scores.md").read_text()
-    assert table.count("AD-transformer 8x1") == 1 and "| 2 (0, 1) |" in table
+    table, protocol = (tmp_path / "eval" / "scores.md").read_text().split("\n\n")   # scores; how rows were made
+    assert table.count("AD-transformer 8x1") == protocol.count("AD-transformer 8x1") == 1
+    assert "| 2 (0, 1) |" in table
     with pytest.raises(SystemExit, match="share training seed"):
         evaluate.main([str(tmp_path / "run0"), str(tmp_path / "run0"), "--tasks", "1", "--seeds", "1",
                        "--episodes", "1", "--device", "cpu", "--out", str(tmp_path / "eval")])
@@ -1533,15 +1621,134 @@ def test_triton_backend_choice_and_errors(monkeypatch):
     torch.testing.assert_close(mamba.selective_scan(**inputs), mamba.selective_scan(**inputs, backend="ref"))
 
 
+# ----------------------------------------------------------------------------- mamba.py: resets (rl2.py)
+# Rows of a batch with the steps where a new sequence starts: at the first step (a no-op), mid-chunk, on a
+# chunk boundary (16, with CHUNK = 16), right after another reset, at the last step; and a row without any,
+# whose packed scan runs the reset code against the plain reset=None one.
+RESET_AT = ([0, 5, 16, 17, 36], [], [1, 30])
+
+
+def _reset_mask(L):
+    reset = torch.zeros(len(RESET_AT), L, dtype=torch.bool)
+    for row, starts in enumerate(RESET_AT):
+        reset[row, starts] = True
+    return reset
+
+
+def _segments(L, starts):
+    """[(s, e)]: the segments [s, e) of a row of length L that resets at starts."""
+    bounds = sorted({0, L, *starts})
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+@pytest.mark.parametrize("backend", ["ref", "torch", pytest.param("triton", marks=needs_triton)])
+def test_scan_with_resets_equals_independent_scans_of_the_segments(backend, monkeypatch):
+    """One scan over packed sequences, h_t = a_t (1 - r_t) h_{t-1} + delta_t B_t u_t, gives each segment's
+    output and every input gradient exactly as if it were scanned alone."""
+    monkeypatch.setattr(mamba, "CHUNK", 16)
+    L, inputs = 37, _scan_inputs(len(RESET_AT), 3, 37, 2)
+    reset = _reset_mask(L)
+    results = []
+    for packed in (True, False):
+        leaves = {key: value.to(DEVICE).clone().requires_grad_() for key, value in inputs.items()}
+        if packed:
+            y = mamba.selective_scan(**leaves, delta_softplus=True, backend=backend, reset=reset.to(DEVICE))
+        else:  # u, delta, z, B, C sliced to one row's segment [s, e); A, D, delta_bias shared
+            y = torch.cat([torch.cat([mamba.selective_scan(
+                **{key: value[row:row + 1, :, s:e] if value.dim() == 3 else value for key, value in leaves.items()},
+                delta_softplus=True, backend=backend) for s, e in _segments(L, starts)], dim=-1)
+                for row, starts in enumerate(RESET_AT)])
+        (y * torch.linspace(-1, 1, y.numel(), device=DEVICE).view_as(y)).sum().backward()
+        results.append([y.detach()] + [leaves[key].grad for key in sorted(leaves)])
+    for with_resets, by_segments in zip(*results):
+        _assert_close_to_scale(with_resets, by_segments, CPU_TOL if backend != "triton" else TRITON_TOL)
+
+
+def test_mamba_with_resets_equals_its_segments_and_step_across_a_reset_equals_forward():
+    """Mamba.forward with resets (conv windows and scan states cut at each reset) equals running each segment
+    alone, in outputs and parameter gradients; step(reset=r_t) reproduces it token by token."""
+    torch.manual_seed(0)
+    model = mamba.Mamba(d_in=5, d_out=3, d_model=16, n_layer=2, d_state=4)
+    L = 37
+    x, reset = torch.randn(len(RESET_AT), L, 5), _reset_mask(L)
+    results = []
+    for packed in (True, False):
+        model.zero_grad()
+        if packed:
+            y = model(x, reset=reset)
+        else:
+            y = torch.cat([torch.cat([model(x[row:row + 1, s:e]) for s, e in _segments(L, starts)], dim=1)
+                           for row, starts in enumerate(RESET_AT)])
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        results.append([y.detach()] + [p.grad.clone() for p in model.parameters()])
+    for with_resets, by_segments in zip(*results):
+        _assert_close_to_scale(with_resets, by_segments, CPU_TOL)
+    with torch.no_grad():
+        state, steps = model.init_state(len(RESET_AT)), []
+        for t in range(L):
+            y, state = model.step(x[:, t], state, reset=reset[:, t])
+            steps.append(y)
+    _assert_close_to_scale(torch.stack(steps, 1), results[0][0], CPU_TOL)
+
+
+# ----------------------------------------------------------------------------- rl2.py
+
+def test_trial_gae_by_hand_runs_across_episodes_and_stops_at_trial_ends():
+    """Two packed trials of 2 steps (think: 2 one-step episodes each); gamma = lambda = 0.5. The TD error
+    bootstraps from the next step inside a trial and from 0 at its end: delta = [1 + 0.5 - 0.5, 2 - 1,
+    3 + 1 - 1.5, 4 - 2] = [1, 1, 2.5, 2]; A_t = delta_t + 0.25 A_{t+1} within a trial: [1.25, 1, 3, 2]."""
+    rew, value = torch.tensor([[1.0, 2.0, 3.0, 4.0]]), torch.tensor([[0.5, 1.0, 1.5, 2.0]])
+    trial_end = torch.tensor([False, True, False, True])
+    torch.testing.assert_close(rl2.trial_gae(rew, value, trial_end, gamma=0.5, lam=0.5),
+                               torch.tensor([[1.25, 1.0, 3.0, 2.0]]))
+
+
+@pytest.mark.parametrize("arch", ["mamba", "gru"])
+def test_packed_trials_read_as_if_each_ran_alone_and_as_played(arch):
+    """run_packed (training: P trials per row, one Mamba scan with resets, or the GRU cut at the trials)
+    gives each trial's outputs as step() gave them while it played from a fresh state."""
+    torch.manual_seed(0)
+    model = rl2.build_model(arch, d_in=6, d_out=3, d_model=16, n_layer=2)
+    x = torch.randn(4, 7, 6)                                            # 4 trials of 7 steps
+    with torch.no_grad():
+        state, steps = model.init_state(4), []
+        for t in range(7):
+            y, state = model.step(x[:, t], state)
+            steps.append(y)
+        packed = rl2.run_packed(model, rl2.pack(x, 2), trial_len=7)     # 2 rows of 2 trials
+    _assert_close_to_scale(packed.reshape(4, 7, 3), torch.stack(steps, 1), CPU_TOL)
+
+
+def test_rl2_gru_is_matched_in_parameters():
+    models = [rl2.build_model(arch, d_in=6, d_out=3, d_model=32, n_layer=2) for arch in ("mamba", "gru")]
+    counts = [rl2.count_params(model) for model in models]
+    assert abs(counts[1] - counts[0]) < 0.02 * counts[0]
+
+
+def test_rl2_learns_point_goal_and_writes_an_evaluable_result(tmp_path):
+    """A short RL^2-Mamba run: the trials' return rises over training, and results.json is scored by evaluate.py."""
+    _write_point_histories(tmp_path / "data", n_tasks=3)
+    out = tmp_path / "rl2"
+    rl2.main(["--data", str(tmp_path / "data"), "--out", str(out), "--steps", "12800", "--rows", "8", "--pack", "2",
+              "--tasks", "20", "--lr", "3e-3", "--test-tasks", "2", "--test-seeds", "1", "--threads", "1"])
+    log = torch.load(out / "rl2.pt", weights_only=False)["log"]
+    first, last = (np.mean([entry["returns"] for entry in part]) for part in (log[:3], log[-3:]))
+    assert last > first + 2, (first, last)  # measured: -19.8 -> -16.0
+    result = evaluate.baseline_result(str(out), evaluate.build_parser().parse_args([]))
+    assert np.asarray(result["returns"]).shape == (2, 1, 2) and result["method"] == "RL2-mamba"
+
+
 _COMPILE_FOR_SM90 = """
 import triton, mamba
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
 flags = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, BLOCK_D=mamba.BLOCK_D, BLOCK_N=16, CHUNK=mamba.CHUNK)
 like_input = {"u_ptr", "delta_ptr", "B_ptr", "C_ptr", "z_ptr", "out_ptr", "dout_ptr", "du_ptr", "ddelta_ptr", "dz_ptr"}
-for dtype in ("fp32", "bf16"):
+for dtype, has_reset in (("fp32", False), ("bf16", False), ("fp32", True)):
+    flags["HAS_RESET"] = has_reset
     for kernel in (mamba._scan_fwd_kernel, mamba._scan_bwd_kernel):
         signature = {name: "constexpr" if name in flags else "i32" if not name.endswith("_ptr")
+                     else "*i1" if name == "reset_ptr"  # a torch.bool tensor
                      else "*" + (dtype if name in like_input else "fp32") for name in kernel.arg_names}
         constexprs = {(kernel.arg_names.index(name),): value for name, value in flags.items()}
         compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32),
@@ -1552,8 +1759,8 @@ for dtype in ("fp32", "bf16"):
 
 @needs_triton
 def test_triton_kernels_compile_for_a_gpu():
-    """The interpreter runs code that the compiler may reject: compile both kernels, fp32 and bf16, down to
-    an H100 (sm_90) binary with Triton's own compiler and ptxas; no GPU is needed for that."""
+    """The interpreter runs code that the compiler may reject: compile both kernels, fp32 and bf16, and fp32
+    with resets, down to an H100 (sm_90) binary with Triton's own compiler and ptxas; no GPU is needed for that."""
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], cwd=HERE, env=env, capture_output=True,
                             text=True, timeout=300)
@@ -1742,6 +1949,27 @@ def test_noise_histories_mix_the_expert_with_annealed_noise(tmp_path):
         _noise(tmp_path, expert_dir, tmp_path / "rel", "--target", "behaviour")
 
 
+def test_wrong_task_episodes_act_for_another_task_but_keep_the_true_target(tmp_path):
+    """--wrong-task 1: every noisy episode's actions come from the expert shown another task (so they differ
+    from the true task's mix), while the relabelled target is still the true task's a*; the noise-free
+    episode acts for the true task; 0 reproduces the published AD-eps histories bit for bit."""
+    expert_dir = _saved_expert(tmp_path / "expert")
+    model = experts.load_expert(expert_dir)
+    eps = noise.epsilon_schedule(6)[None, :, None, None]
+    plain = _noise(tmp_path, expert_dir, tmp_path / "plain")
+    zero = _noise(tmp_path, expert_dir, tmp_path / "zero", "--wrong-task", "0")
+    wrong = _noise(tmp_path, expert_dir, tmp_path / "wrong", "--wrong-task", "1")
+    for h_plain, h_zero, h in zip(plain, zero, wrong):
+        np.testing.assert_array_equal(h_plain["act"], h_zero["act"])
+        best = model(h["obs"], np.broadcast_to(h["task"], (2, 6, 20, 2)).copy()).numpy()
+        np.testing.assert_allclose(h["act_mean"], best, atol=1e-6)
+        np.testing.assert_allclose(h["act"][:, 5], best[:, 5], atol=1e-6)
+        u = (h["act"] - (1 - eps) * best)[:, 1:5] / eps[:, 1:5]          # not the noise alone any more
+        assert np.abs(u).max() > 1.05
+    with pytest.raises(SystemExit, match="--wrong-task 1.5 must be in"):
+        noise.parse_args(["--wrong-task", "1.5"])
+
+
 def test_ad_on_noise_histories_is_scored_against_the_expert(tmp_path):
     """ad.py trains on noise.py's files and keeps noise.json; evaluate.py's 1 is then the expert's own
     return on the same test tasks, and it reports the expert told the mean task and the blind control."""
@@ -1823,12 +2051,26 @@ def test_hybrid_is_causal_and_recalls_earlier_segments():
 
 
 def test_valuable_subgoal_steps_by_hand():
-    """(r_t + .. + r_t') / (t' - t), maximised over t' > t; the last step keeps itself; ties go to the nearest.
-    [1, 0, 3, -1]: t=0: 1, 4/2, 3/3 -> 2; t=1: 3, 2/2 -> 2; t=2: 2 -> 3. [-1, -1, -1, 0]: the sums shrink
-    in size with the distance -> 3. [0, 1, 0, 1]: t=0: 1, 1/2, 2/3 -> 1; t=1: 1, 2/2 -> 2 (tie, nearest)."""
+    """(r_t + .. + r_t') / (t' - t) on the episode's rewards shifted to a minimum of 0, maximised over t' > t;
+    the last step keeps itself; ties go to the nearest. [1, 0, 3, -1] -> [2, 1, 4, 0]: t=0: 3, 7/2, 7/3 -> 2;
+    t=1: 5, 5/2 -> 2; t=2: 4 -> 3. [-1, -1, -1, 0] -> [0, 0, 0, 1]: only the last step is worth anything -> 3.
+    [0, 1, 0, 1]: t=0: 1, 1/2, 2/3 -> 1; t=1: 1, 2/2 -> 2 (tie, nearest)."""
     rew = torch.tensor([[[1., 0, 3, -1], [-1, -1, -1, 0]], [[0, 1, 0, 1], [0, 0, 0, 0]]])
     expected = [[[2, 2, 3, 3], [3, 3, 3, 3]], [[1, 2, 3, 3], [1, 2, 3, 3]]]
     assert hybrid.valuable_subgoal_steps(rew).tolist() == expected
+
+
+def test_valuable_subgoals_on_negative_rewards_do_not_favour_the_last_state():
+    """On all-negative rewards (this project's -distance) the raw rule favours far states (on these, a third
+    of its picks would be the episode's last state); on rewards shifted to >= 0 within the episode the
+    picks stay near, and adding a constant to an episode's rewards changes none of them."""
+    generator = torch.Generator().manual_seed(0)
+    rew = -2 * torch.rand(500, 20, generator=generator)
+    picks = hybrid.valuable_subgoal_steps(rew)
+    assert (picks[:, :-2] == 19).float().mean() < 0.1                 # steps with a choice beyond the next
+    assert ((picks - torch.arange(20)).float()[:, :-1].mean()) < 4
+    offsets = 10 * torch.randn(500, 1, generator=generator)
+    assert torch.equal(hybrid.valuable_subgoal_steps(rew + offsets), picks)
 
 
 def test_streams_carry_each_steps_valuable_subgoal():
@@ -2000,23 +2242,59 @@ def _fake_histories(directory, n_tasks=3):
 
 
 def test_mql_tiny_run_writes_results_that_evaluate_scores(tmp_path, capsys):
+    """3 tasks x 60 steps, 20 vector steps of burn-in: 40 x 3 = 120 transitions at 0.1 updates each = 12
+    updates, printed beside the env steps; the CPU reductions not overridden (lr) are announced."""
     _fake_histories(tmp_path / "data")
     out = tmp_path / "mql"
     mql.main(["--env", "point_goal", "--data", str(tmp_path / "data"), "--k", "2", "--tasks", "3", "--steps", "60",
-              "--burn-in", "60", "--updates-per-step", "3", "--batch-size", "16", "--hidden", "8", "--context-hidden", "4", "--history", "3",
-              "--snap-updates", "2", "--replay-updates", "2", "--test-tasks", "2", "--test-seeds", "2",
-              "--episodes", "3", "--threads", "1", "--device", "cpu", "--out", str(out)])
-    assert "meta-training: 180 online env steps (3 tasks x 60)" in capsys.readouterr().out
+              "--burn-in", "60", "--updates-per-transition", "0.1", "--batch-size", "16", "--hidden", "8",
+              "--context-hidden", "4", "--history", "3", "--snap-updates", "2", "--replay-updates", "2",
+              "--sample-mult", "1", "--test-tasks", "2", "--test-seeds", "2", "--episodes", "3", "--threads", "1",
+              "--device", "cpu", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "meta-training: 180 online env steps (3 tasks x 60), 12 TD3 updates (0.1 per transition" in printed
+    announced = next(line for line in printed.splitlines() if line.startswith("CPU scale for point_goal"))
+    assert "lr 0.001" in announced and "hidden" not in announced and "updates_per_transition" not in announced
     result = json.load(open(out / "results.json"))
     assert set(evaluate.BASELINE_KEYS) <= set(result) and result["method"] == "MQL"
     assert np.asarray(result["returns"]).shape == (2, 2, 3) and result["k"] == 2
-    assert result["meta_train_env_steps"] == 180 and result["meta_train_updates"] == (60 - 20) * 3  # after burn-in
+    assert result["meta_train_env_steps"] == 180 and result["meta_train_updates"] == 12
+    assert "12 TD3 updates" in result["budget"] and result["selection"] == "final weights"
     assert "12 TD3 updates" not in result["adaptation"] and "4 TD3 updates" in result["adaptation"]
     assert set(torch.load(out / "meta.pt", weights_only=True)) >= {"encoder", "actor", "critic"}
     evaluate.main([str(out), "--tasks", "2", "--seeds", "2", "--device", "cpu"])
     s = json.load(open(out / "eval.json"))["summary"]
     assert s["last5"] == pytest.approx(np.mean(result["returns"]))
     assert np.isfinite(s["score_last5"])
+
+
+def test_mql_updates_keep_pace_with_env_transitions():
+    """floor(n x ratio) updates after n post-burn-in transitions: MQL's 0.5 on 3 tasks x 2 envs is 3 per
+    vector step; 0.1 updates every other vector step or so; nothing before the burn-in ends."""
+    assert [mql.updates_due(6 * n, 0.5) for n in range(4)] == [0, 3, 6, 9]
+    assert [mql.updates_due(6 * n, 0.1) for n in range(1, 6)] == [0, 1, 1, 2, 3]
+    assert mql.updates_due(-6, 0.5) == 0
+
+
+def test_mql_adapts_with_fresh_adams_at_adapt_lr():
+    torch.manual_seed(0)
+    meta = mql.TD3(1, 2, 2, _mql_args(lr=3e-4, adapt_lr=1e-3))
+    adapted = meta.copies(2)
+    for opt in (adapted.actor_opt, adapted.critic_opt):
+        assert opt.param_groups[0]["lr"] == 1e-3 and not opt.state   # fresh: no moments carried over
+    assert meta.actor_opt.param_groups[0]["lr"] == meta.critic_opt.param_groups[0]["lr"] == 3e-4
+
+
+def test_mql_cpu_scale_only_on_a_cpu_and_never_over_a_given_flag():
+    argv = ["--env", "point_goal", "--history", "7"]
+    args = mql.parse_args(argv)
+    args.device = "cuda"                                              # the reference's sizes elsewhere
+    assert mql.scale_for_device(args, argv) == {}
+    assert (args.hidden, args.lr, args.updates_per_transition, args.sample_mult, args.history) == (300, 3e-4, 0.5, 5, 7)
+    args.device = "cpu"
+    reductions = mql.scale_for_device(args, argv)
+    assert reductions == {key: value for key, value in mql.CPU_SCALE["point_goal"].items() if key != "history"}
+    assert (args.hidden, args.lr, args.history) == (64, 1e-3, 7)
 
 
 def test_mql_errors_are_one_line(tmp_path, capsys):
@@ -2109,20 +2387,22 @@ def test_macaw_inner_loop_adapts_and_the_outer_loss_is_second_order():
 def test_macaw_trains_adapts_rolls_out_and_evaluate_scores_it(tmp_path):
     _write_point_histories(tmp_path / "data", n_tasks=3, E=2, n_ep=6)
     sac.main(["--env", "point_goal", "--split", "test", "--tasks", "2", "--steps", "200", "--warmup", "100",
-              "--hidden", "8", "--batch-size", "16", "--threads", "1", "--device", "cpu", "--out",
+              "--hidden", "8", "--batch-size", "16", "--seed", "1", "--threads", "1", "--device", "cpu", "--out",
               str(tmp_path / "test_data")])
     out = tmp_path / "macaw"
     macaw.main(["--env", "point_goal", "--data", str(tmp_path / "data"), "--test-data", str(tmp_path / "test_data"),
                 "--out", str(out), "--iters", "3", "--hidden", "8", "--depth", "1", "--latent", "4",
                 "--inner-batch", "16", "--batch-size", "16", "--adapt-batch", "16", "--task-batch", "2",
-                "--tasks", "2", "--seeds", "2", "--k", "2", "--threads", "1", "--device", "cpu"])
+                "--test-tasks", "2", "--test-seeds", "2", "--test-seed", "1", "--k", "2", "--threads", "1",
+                "--device", "cpu"])
     result = json.load(open(out / "results.json"))
     assert set(evaluate.BASELINE_KEYS) <= set(result) and result["method"] == "MACAW"
     assert np.asarray(result["returns"]).shape == (2, 2, 3)            # tasks x seeds x (6 episodes / k=2)
+    assert result["tasks"] == envs.sample_tasks("point_goal", 2, "test", seed=1).tolist()   # --test-seed's
     assert "16 offline transitions" in result["adaptation"]
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["model"]["policy.mean.W_wt"].shape == (4, 9 * 2)
-    evaluate.main([str(out), "--tasks", "2", "--seeds", "2", "--device", "cpu"])
+    evaluate.main([str(out), "--tasks", "2", "--seeds", "2", "--seed", "1", "--device", "cpu"])
     summary = json.load(open(out / "eval.json"))["summary"]
     assert np.isfinite(summary["score_last5"]) and (out / "incontext.png").exists()
 
@@ -2139,7 +2419,25 @@ def test_macaw_cli_bad_input(tmp_path):
     assert "no test-task histories" in missing and "--split test" in missing
     # training-split histories are not the test tasks
     assert "does not hold the first 2 test tasks" in error_of("--data", str(tmp_path / "data"), "--test-data",
-                                                              str(tmp_path / "data"), "--tasks", "2")
+                                                              str(tmp_path / "data"), "--test-tasks", "2")
+
+
+def test_macaw_rolls_out_on_the_env_seeds_of_its_test_seed(monkeypatch):
+    """--test-seed seeds the rollouts' envs as `evaluate.py --seed` seeds AD's (ad.rollout) and MQL's, so
+    every method starts from the same initial states; the training --seed does not move them."""
+    seeds, real = [], envs.MultiTaskVecEnv
+
+    def recording(*a, seed=0, **kw):
+        seeds.append(seed)
+        return real(*a, seed=seed, **kw)
+    monkeypatch.setattr(envs, "MultiTaskVecEnv", recording)
+    args = _tiny_macaw_args("--test-seed", "7", "--test-seeds", "2", "--seed", "3", "--adapt-batch", "8")
+    torch.manual_seed(0)
+    model = macaw.MACAW(2, 2, args)
+    table = _tiny_macaw_batch(torch.Generator().manual_seed(0))
+    stats = {"obs_mean": torch.zeros(2), "obs_std": torch.ones(2)}
+    returns, _ = macaw.test(model, table, envs.sample_tasks("point_goal", 2, "test", seed=7), stats, args, 2)
+    assert returns.shape == (2, 2, 2) and seeds == [7, 7]               # the adapted rollout, the one before
 
 
 # ----------------------------------------------------------------------------- install and GPU readiness
