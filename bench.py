@@ -19,6 +19,10 @@
         AD training updates per second for Mamba and the transformer at the env's ENVS sizes, fp32 against
         bf16 autocast (ad.py --dtype), side by side; on a GPU add fp32-strict (--dtypes fp32-strict fp32
         bf16): IEEE fp32 against TF32 (fp32 on the tensor cores) against bf16.
+    python bench.py rl2 [--env point_goal] [--packs 1 4] [--archs mamba gru]
+        RL^2's PPO updates per second (rl2.py) with P trials packed into each training row against one trial
+        a row (S5-RL's speed claim): the same trials and minibatches of as many trials, only their layout
+        differs; Mamba reads a packed row in one scan with resets, the GRU is cut at the trials (a control).
 Small models run faster and steadier on one thread; the machine is shared, so compare rows of one run.
 """
 import argparse
@@ -38,6 +42,7 @@ import hybrid
 import mamba
 import ppo
 import rl
+import rl2
 import sac
 import transformer
 
@@ -277,6 +282,45 @@ def bench_ad(args):
             print(f"  {arch}: {dtype} / {first} = {rates[dtype] / rates[first]:.2f}x")
 
 
+def bench_rl2(args):
+    """rl2.ppo_update's updates per second for each --packs P: --trials trials (played once per arch, by a
+    fresh agent) laid out as trials / P rows of P x K x H steps, minibatches of --minibatch-trials trials,
+    each layout timed from the same fresh agent and optimiser. Only the layout differs: a Mamba row is one
+    scan over P trials with resets (P times longer, P times fewer rows); a GRU row is cut at the trials."""
+    torch.set_num_threads(args.threads)
+    if args.trials % math.lcm(*args.packs) or args.minibatch_trials % math.lcm(*args.packs):
+        raise SystemExit(f"--trials and --minibatch-trials must be multiples of every --packs {args.packs}")
+    vec = envs.MultiTaskVecEnv(args.env, envs.sample_tasks(args.env, args.trials), 1)
+    trial_len, d_in = args.episodes * vec.horizon, vec.obs_dim + vec.act_dim + 2
+    print(f"RL^2 PPO on {args.env}: {args.trials} trials of {args.episodes} episodes ({trial_len} steps), minibatches "
+          f"of {args.minibatch_trials} trials, {args.threads} thread(s), device {args.device}; median of "
+          f"{args.repeats} x one PPO iteration's updates")
+    for arch in args.archs:
+        rates = {}
+        for P in args.packs:
+            cfg = rl2.parse_args(["--env", args.env, "--arch", arch, "--episodes", str(args.episodes), "--pack", str(P),
+                                  "--rows", str(args.trials // P), "--minibatch-rows", str(args.minibatch_trials // P)])
+            torch.manual_seed(0)
+            model = rl2.build_model(arch, d_in, vec.act_dim + 1, cfg.d_model, cfg.n_layer)
+            agent = rl2.Agent(model, vec.act_dim).to(args.device)
+            if P == args.packs[0]:
+                trials = rl2.play_trials(agent, vec, args.episodes, args.device)
+            batch = {key: rl2.pack(value, P) for key, value in trials.items()}
+            opt = torch.optim.Adam(agent.parameters(), lr=cfg.lr, eps=1e-5)
+            rl2.ppo_update(agent, opt, batch, trial_len, cfg)  # warm-up (on a GPU: compiles the kernels)
+            times = []
+            for _ in range(args.repeats):
+                _sync(args.device)
+                start = time.perf_counter()
+                n_updates = rl2.ppo_update(agent, opt, batch, trial_len, cfg)
+                _sync(args.device)
+                times.append((time.perf_counter() - start) / n_updates)
+            rates[P] = 1 / statistics.median(times)
+            print(f"  {arch:<6} ({rl2.count_params(agent):,} params)  {P} trial(s) a row: {args.trials // P:>3} rows x "
+                  f"{P * trial_len:>5} steps  {rates[P]:7.2f} updates/s  {rates[P] / rates[args.packs[0]]:5.2f}x",
+                  flush=True)
+
+
 def filled_state(model, batch, context, device):
     """A state as after `context` tokens: a KV cache holding `context` tokens (transformer), or Mamba's
     fixed-size one (DM-H's too: its local cache restarts every segment, whatever the context)."""
@@ -396,6 +440,18 @@ def build_parser():
     train.add_argument("--repeats", type=envs.positive_int, default=3)
     train.add_argument("--threads", type=envs.positive_int, default=1)
     train.add_argument("--device", default="auto")
+    packed = sub.add_parser("rl2", help="RL^2 PPO updates per second, packed trials vs one trial a row")
+    packed.add_argument("--env", default="point_goal", choices=list(envs.ENVS), help="rl2.py's settings for it")
+    packed.add_argument("--archs", nargs="+", default=["mamba", "gru"], choices=["mamba", "gru"])
+    packed.add_argument("--packs", type=envs.positive_int, nargs="+", default=[1, 4],
+                        help="trials per training row; the first is the ratios' base")
+    packed.add_argument("--episodes", type=envs.positive_int, default=10,
+                        help="episodes per trial (rl2.py on point_goal: AD's streams of 10)")
+    packed.add_argument("--trials", type=envs.positive_int, default=32, help="trials per PPO iteration (rl2.py: 8 x 4)")
+    packed.add_argument("--minibatch-trials", type=envs.positive_int, default=8, help="trials per minibatch (2 x 4)")
+    packed.add_argument("--repeats", type=envs.positive_int, default=5)
+    packed.add_argument("--threads", type=envs.positive_int, default=1)
+    packed.add_argument("--device", default="auto")
     return parser
 
 
@@ -406,7 +462,7 @@ def main():
         args.device = envs.resolve_device(args.device)
     except ValueError as e:
         parser.error(str(e))
-    {"rl": bench_rl, "scan": bench_scan, "rollout": bench_rollout, "ad": bench_ad}[args.bench](args)
+    {"rl": bench_rl, "scan": bench_scan, "rollout": bench_rollout, "ad": bench_ad, "rl2": bench_rl2}[args.bench](args)
 
 
 if __name__ == "__main__":

@@ -29,8 +29,9 @@ return on the same test tasks, and the expert told the task distribution's mean 
 A model trained on N-token windows (`ad.py --context N`) sees at most N tokens in its rollout, whatever
 its architecture (ad.SlidingContext); `--unbounded-context` lifts the bound, for comparison.
 
-A directory may also hold a baseline's `results.json` instead of a checkpoint (mql.py, macaw.py write
-one: returns per test task, seed and episode): it is scored and plotted the same way, beside AD.
+A directory may also hold a baseline's `results.json` instead of a checkpoint (mql.py, macaw.py, rl2.py
+write one: returns per test task, seed and episode): it is scored and plotted the same way, beside AD, with
+its reward-blind control where it played one (rl2.py, a recurrent policy whose tokens hold the reward).
 
 Several checkpoints make one comparison (the paper's Figure 1: Mamba vs transformer; Figure 2: context
 lengths). Runs that differ only in their training seed form one group: one curve, the mean over seeds,
@@ -202,8 +203,9 @@ BASELINE_KEYS = ("env", "method", "train_seed", "tasks", "seeds", "returns", "so
 
 
 def baseline_result(directory, args):
-    """A baseline's results.json (mql.py, macaw.py: returns on the test tasks, in evaluate.py's split),
-    scored like a checkpoint. It must hold BASELINE_KEYS and the test tasks this run would use."""
+    """A baseline's results.json (mql.py, macaw.py, rl2.py: returns on the test tasks, in evaluate.py's
+    split), scored like a checkpoint. It must hold BASELINE_KEYS and the test tasks this run would use; its
+    `blind_returns`, where it played the reward-blind control (rl2.py), are reported as AD's."""
     path = os.path.join(directory, "results.json")
     with open(path) as f:
         result = json.load(f)
@@ -215,12 +217,16 @@ def baseline_result(directory, args):
     if not np.allclose(tasks, result["tasks"]) or returns.shape[:2] != (len(tasks), result["seeds"]):
         raise ValueError(f"{path} was not run on the test tasks of --seed {args.seed} "
                          f"({len(result['tasks'])} tasks x {result['seeds']} seeds): re-run it with them")
+    blind = result.get("blind_returns") if args.blind else None  # rl2.py plays the reward-blind control
+    if blind is not None and np.shape(blind) != returns.shape:
+        raise ValueError(f"{path}: blind_returns is {np.shape(blind)}, returns {returns.shape}: not the same trials")
     one = strict_one(result["env"], result["algo"], result["k"], len(result["source_curve"]), tasks,
                      result["source_final"], result.get("data"), args)
-    summary = summarise(returns, result["env"], tasks, one[0])
+    summary = summarise(returns, result["env"], tasks, one[0], None if blind is None else np.asarray(blind))
     summary.update(source_final_on=one[1], source_final_from=one[2])
     return {"budget": "not recorded", "selection": "final weights", "actions": "deterministic", **result,
-            "checkpoint": os.path.abspath(directory), "arch": result["method"], "summary": summary}
+            "blind_returns": blind, "checkpoint": os.path.abspath(directory), "arch": result["method"],
+            "summary": summary}
 
 
 def label(result):
@@ -265,7 +271,7 @@ def score_table(groups):
         summaries = [r["summary"] for r in runs]
         scores = np.array([s["score_last5"] for s in summaries])
         returns = [np.mean([s[key] for s in summaries]) for key in ("first_episode", "all_episodes", "last5")]
-        has_blind = all("blind_score_last5" in s for s in summaries)  # a baseline's results.json has none
+        has_blind = all("blind_score_last5" in s for s in summaries)  # MQL's and MACAW's results have none
         blind = np.array([s["blind_score_last5"] for s in summaries]) if has_blind else None
         rows.append(f"| {name} | {len(runs)} ({', '.join(str(r['train_seed']) for r in runs)}) | "
                     + " | ".join(f"{x:.2f}" for x in returns) + f" | {mean_std(scores)} | "

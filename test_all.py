@@ -1725,17 +1725,44 @@ def test_rl2_gru_is_matched_in_parameters():
     assert abs(counts[1] - counts[0]) < 0.02 * counts[0]
 
 
+@pytest.mark.parametrize("arch", ["mamba", "gru"])
+def test_rl2_blind_trials_zero_every_reward_input(arch):
+    """rl2's reward-blind control: every token the model steps on has 0 in its reward slot, while the trial
+    still returns the env's rewards; the ordinary trial feeds them (fails if any reward reaches the model)."""
+    torch.manual_seed(0)
+    agent = rl2.Agent(rl2.build_model(arch, d_in=6, d_out=3, d_model=8, n_layer=1), act_dim=2)
+    seen, step = [], agent.model.step
+
+    def recording_step(x, state):
+        seen.append(x[:, 2 + 2].clone())                                # [obs, prev act, prev rew, first]
+        return step(x, state)
+    agent.model.step = recording_step
+    vec = envs.MultiTaskVecEnv("point_goal", envs.sample_tasks("point_goal", 2, "test"), 2)
+    for blind in (True, False):
+        seen.clear()
+        trials = rl2.play_trials(agent, vec, 3, "cpu", blind=blind)
+        rewards = torch.cat(seen)
+        assert len(seen) == 3 * vec.horizon and (trials["rew"] < 0).all()
+        assert (rewards == 0).all() if blind else (rewards != 0).float().mean() > 0.9
+
+
 def test_rl2_learns_point_goal_and_writes_an_evaluable_result(tmp_path):
-    """A short RL^2-Mamba run: the trials' return rises over training, and results.json is scored by evaluate.py."""
+    """A short RL^2-Mamba run: the trials' return rises over training, and results.json is scored by evaluate.py,
+    its reward-blind control included."""
     _write_point_histories(tmp_path / "data", n_tasks=3)
     out = tmp_path / "rl2"
     rl2.main(["--data", str(tmp_path / "data"), "--out", str(out), "--steps", "12800", "--rows", "8", "--pack", "2",
-              "--tasks", "20", "--lr", "3e-3", "--test-tasks", "2", "--test-seeds", "1", "--threads", "1"])
+              "--tasks", "20", "--test-tasks", "2", "--test-seeds", "1", "--threads", "1"])
     log = torch.load(out / "rl2.pt", weights_only=False)["log"]
     first, last = (np.mean([entry["returns"] for entry in part]) for part in (log[:3], log[-3:]))
     assert last > first + 2, (first, last)  # measured: -19.8 -> -16.0
-    result = evaluate.baseline_result(str(out), evaluate.build_parser().parse_args([]))
+    evaluate.main([str(out), "--device", "cpu"])
+    result = json.loads((out / "eval.json").read_text())
     assert np.asarray(result["returns"]).shape == (2, 1, 2) and result["method"] == "RL2-mamba"
+    blind = np.asarray(result["blind_returns"])
+    assert blind.shape == (2, 1, 2) and blind[:, :, 0].mean() == pytest.approx(result["summary"]["blind_first_episode"])
+    row = next(line for line in (out / "scores.md").read_text().splitlines() if line.startswith("| RL2-mamba"))
+    assert row.split(" | ")[8] != "—"                                   # the reward-blind score column
 
 
 _COMPILE_FOR_SM90 = """
