@@ -12,9 +12,11 @@ is updated: the state alone adapts, as AD's context does (evaluate.py's in-conte
   - the model: Mamba (mamba.py) by default, or the RNN that S5-RL (Lu et al. 2023) compares with, a
     torch.nn.GRU matched in parameters (--arch gru); its output is the action mean and the value, with a
     learnt state-independent log std;
-  - packing (S5-RL's speed-up): --pack P trials follow each other in one training row of P x K x H steps,
+  - packing (S5-RL's layout): --pack P trials follow each other in one training row of P x K x H steps,
     with reset = 1 at every trial's first step, and Mamba reads the row in one scan (selective_scan's
-    reset input: the state and the conv window start from zero at each reset). The GRU has no reset input:
+    reset input: the state and the conv window start from zero at each reset). S5-RL's speed-up from it
+    rests on a parallel scan over the long row; our scans walk time step by step, so on them a packed row
+    trades batch width for length (`python bench.py rl2` times both layouts). The GRU has no reset input:
     its rows are cut at the trials (all trials have the same length, so the cut is a reshape);
   - PPO (ppo.py's pieces): rewards scaled by the running std of the discounted return (ppo.py's
     --norm-reward), advantages by GAE over the trial (ppo.gae: the sum runs across the trial's episode
@@ -252,14 +254,15 @@ def run(args):
     torch.manual_seed(args.seed)
     train_tasks = envs.sample_tasks(args.env, args.tasks, "train", seed=args.task_seed)
     test_tasks = envs.sample_tasks(args.env, args.test_tasks, "test", seed=args.test_seed)
-    vec = envs.MultiTaskVecEnv(args.env, test_tasks, args.test_seeds, seed=args.test_seed)
-    d_in = vec.obs_dim + vec.act_dim + 2
-    agent = Agent(build_model(args.arch, d_in, vec.act_dim + 1, args.d_model, args.n_layer), vec.act_dim)
+    probe = envs.make_env(args.env, test_tasks[0])  # one env for the sizes; the test trials make their own
+    obs_dim, act_dim = probe.observation_space.shape[0], probe.action_space.shape[0]
+    d_in = obs_dim + act_dim + 2
+    agent = Agent(build_model(args.arch, d_in, act_dim + 1, args.d_model, args.n_layer), act_dim)
     agent.to(args.device)
     print(f"RL^2-{args.arch}: {count_params(agent):,} parameters; trials of {args.episodes} episodes, "
           f"{args.rows} rows x {args.pack} packed trials per iteration")
     log = train(args, agent, train_tasks, dict(algo=data["algo"], final=final))
-    model_config = dict(arch=args.arch, d_in=d_in, d_out=vec.act_dim + 1, d_model=args.d_model, n_layer=args.n_layer)
+    model_config = dict(arch=args.arch, d_in=d_in, d_out=act_dim + 1, d_model=args.d_model, n_layer=args.n_layer)
     ad.save_atomic(dict(agent=agent.state_dict(), model_config=model_config, args=vars(args), log=log),
                    os.path.join(args.out, "rl2.pt"))
     returns, blind = (returns_on_test_tasks(agent, args, test_tasks, blind) for blind in (False, True))
