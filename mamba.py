@@ -13,8 +13,8 @@ so `selective_scan` computes those parts in parallel over time and runs only the
 h_t = a_t * h_{t-1} + b_t step by step. Three paths, one semantics:
   "ref"    a plain sequential loop, differentiated by autograd: the oracle of the tests;
   "torch"  the CPU path: the linear recurrence as an autograd Function whose backward is the reverse
-           recurrence (below), so autograd sees one node instead of L; no log-space / cumulative-product
-           closed forms (they divide by products of decays, which underflow);
+           recurrence (below), so autograd sees one node instead of L, walking time in cache-sized chunks;
+           no log-space / cumulative-product closed forms (they divide by products of decays, which underflow);
   "triton" the fused GPU kernel (Triton, forward and backward, below), picked by backend="auto" for CUDA
            tensors; on a CPU it runs only under Triton's interpreter (TRITON_INTERPRET=1: the tests).
 The file reads in that order: the scan and its reference, the block and the model, then the two fast
@@ -247,70 +247,115 @@ class Mamba(nn.Module):
 
 # ----------------------------------------------------------------------------- the fast scans: the CPU loop
 
-class SelectiveScanFn(torch.autograd.Function):
-    """The scan for the CPU: a loop over time whose every step touches one [batch, dim, N] slab that
-    stays in cache (materialising exp(delta A) for all steps at once streams [L, batch, dim, N] tensors
-    through memory several times and ran about 3x slower; RESULTS.md), with a hand-written backward so that autograd
-    sees one node instead of a graph of L steps.
+CPU_CHUNK_BYTES = 2 ** 20   # SelectiveScanFn's chunk length: each [T, batch, N, dim] buffer holds about this much
 
-    Backward, with g_t = dLoss/dh_t counting every path through later steps and a_t = exp(delta_t A):
-        g_t = C_t dy_t + a_{t+1} g_{t+1}                  (the recurrence again, run in reverse)
-        dB_t = sum_d g_t delta_t u_t          d(delta_t u_t) = sum_n g_t B_t
-        dA = sum_t,batch g_t h_{t-1} a_t delta_t          ddelta_t += sum_n g_t h_{t-1} a_t A
-        dC_t = sum_d h_t dy_t.
-    The states h_t are kept from the forward (recomputing h_{t-1} from h_t would divide by a_t).
-    With resets every a_t above becomes a_t (1 - r_t) (`_decay`): nothing flows across a reset either way."""
+
+class SelectiveScanFn(torch.autograd.Function):
+    """The scan for the CPU, with a hand-written backward so that autograd sees one node instead of a graph of
+    L steps. It walks time in chunks of T steps (`_chunk_states`): a_t = exp(delta_t A) and b_t = delta_t u_t B_t
+    of a whole chunk are one op each, and only h_t = a_t h_{t-1} + b_t runs step by step, one op per step.
+    Why chunks: one step's [batch, N, dim] slab is too small to pay for the dozen ops it would need (every op
+    costs a fixed dispatch), while a_t for all L steps at once streams [L, batch, N, dim] tensors through
+    memory several times; a chunk's buffers stay in cache (T from CPU_CHUNK_BYTES). Everything is time-major
+    with the channels last, [L, batch, N, dim]: each step is one contiguous block, and every broadcast runs
+    along the long, contiguous dim axis. a_t is computed as 2^(delta_t A log2 e), as in the official CUDA
+    kernel: PyTorch's exp2 on a CPU costs about half its exp, which is the largest single cost of a step.
+
+    Backward, with g_t = dLoss/dh_t counting every path through later steps:
+        g_t = C_t dy_t + a_{t+1} g_{t+1}                  (the recurrence again, run in reverse, step by step)
+    and then, for all steps of a chunk at once (batched matmuls and sums),
+        dB_t = sum_d g_t delta_t u_t          d(delta_t u_t) = sum_n g_t B_t          dC_t = sum_d h_t dy_t
+        dA = sum_t,batch g_t a_t h_{t-1} delta_t          ddelta_t += sum_n g_t a_t h_{t-1} A.
+    The forward keeps only the state before each chunk, and the backward recomputes the chunk's a_t and h_t
+    from it with the same ops (as the Triton kernels do): the saved states are 1/T of all of them, and no
+    [L, batch, N, dim] tensor is ever written. Recomputing h_{t-1} backwards from h_t instead would divide
+    by a_t, and closed forms through log space or cumulative products divide by products of decays: those
+    underflow. With resets every a_t above becomes a_t (1 - r_t): nothing flows across a reset either way."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, reset):
-        batch, dim, L = u.shape
+        u, delta, B, C = (_time_major(x) for x in (u, delta, B, C))       # [L, batch, dim], [L, batch, N]
         keep = None if reset is None else (1 - reset.float()).T[:, :, None, None]   # [L, batch, 1, 1]: 1 - r_t
-        delta_u = (delta * u).permute(2, 0, 1)[..., None]            # [L, batch, dim, 1]
-        delta_t = delta.permute(2, 0, 1)[..., None]                   # [L, batch, dim, 1]
-        B_t = B.permute(2, 0, 1)[:, :, None, :]                       # [L, batch, 1, N]
-        hs = u.new_empty(L, batch, dim, A.shape[1])
-        h = u.new_zeros(batch, dim, A.shape[1])
-        for t in range(L):  # h_t = a_t * h_{t-1} + delta_t u_t B_t, written in place into hs[t]
-            h = _decay(delta_t[t], A, keep, t, out=hs[t]).mul_(h).addcmul_(delta_u[t], B_t[t])
-        y = torch.matmul(hs, C.permute(2, 0, 1)[..., None]).squeeze(-1)   # [L, batch, dim]
-        ctx.save_for_backward(u, delta, A, B, C, hs, keep)
-        last_state = hs[-1].clone()                                   # for return_last_state; no gradient
+        (L, batch, dim), N = u.shape, A.shape[1]
+        T = _chunk_len(u, N)
+        delta_u, A2 = delta * u, (A * math.log2(math.e)).T.contiguous()   # A2 [N, dim]
+        H_buf, a_buf = u.new_empty(T + 1, batch, N, dim), u.new_empty(T, batch, N, dim)
+        h_before = u.new_empty(math.ceil(L / T), batch, N, dim)           # the state before each chunk
+        h = u.new_zeros(batch, N, dim)                                    # h_{-1} = 0
+        y = u.new_empty(L, batch, dim)
+        for k, t0 in enumerate(range(0, L, T)):
+            s = slice(t0, t0 + T)
+            h_before[k] = h
+            H, _ = _chunk_states(h, s, delta, delta_u, B, A2, keep, H_buf, a_buf)
+            torch.matmul(C[s, :, None, :], H[1:], out=y[s, :, None])      # y_t = sum_n C_t h_t
+            h = H[-1]
+        ctx.save_for_backward(u, delta, A, B, C, h_before, keep)
+        last_state = h.transpose(-1, -2).contiguous()                     # [batch, dim, N]; no gradient
         ctx.mark_non_differentiable(last_state)
         return y.permute(1, 2, 0), last_state
 
     @staticmethod
     def backward(ctx, dy, _):
-        u, delta, A, B, C, hs, keep = ctx.saved_tensors
-        L = u.shape[-1]
-        dy_t = dy.permute(2, 0, 1)[..., None]                          # [L, batch, dim, 1]
-        delta_t = delta.permute(2, 0, 1)[..., None]                    # [L, batch, dim, 1]
-        delta_u_t = (delta * u).permute(2, 0, 1)[..., None]            # [L, batch, dim, 1]
-        B_t, C_t = B.permute(2, 0, 1)[:, :, None, :], C.permute(2, 0, 1)[:, :, None, :]  # [L, batch, 1, N]
-        g = torch.zeros_like(hs[0])                                    # g_t, carried backwards in time
-        d_delta_u = torch.empty_like(dy_t)                             # d(delta_t u_t)
-        d_delta_A = torch.zeros_like(dy_t)                             # the part of ddelta that comes via A
-        dB = torch.empty_like(C_t)                                     # [L, batch, 1, N]
-        dA = torch.zeros_like(g)                                       # per batch row, summed at the end
-        for t in range(L - 1, -1, -1):
-            g.addcmul_(dy_t[t], C_t[t])
-            torch.sum(g * B_t[t], dim=-1, keepdim=True, out=d_delta_u[t])   # (tiny bmm calls are slower)
-            torch.sum(g * delta_u_t[t], dim=-2, keepdim=True, out=dB[t])
-            if t > 0:                                                  # h_{-1} = 0: nothing flows into a_0
-                a = _decay(delta_t[t], A, keep, t)
-                g_dA = g * hs[t - 1] * a                               # dLoss/d(delta_t A), element-wise
-                torch.sum(g_dA * A, dim=-1, keepdim=True, out=d_delta_A[t])
-                dA.addcmul_(g_dA, delta_t[t])
-                g.mul_(a)
-        dC = torch.matmul(dy_t.transpose(-1, -2), hs)                  # [L, batch, 1, N]
-        d_delta_u, d_delta_A = d_delta_u[..., 0].permute(1, 2, 0), d_delta_A[..., 0].permute(1, 2, 0)
-        return (d_delta_u * delta, d_delta_u * u + d_delta_A, dA.sum(0),
-                dB[:, :, 0].permute(1, 2, 0), dC[:, :, 0].permute(1, 2, 0), None)
+        u, delta, A, B, C, h_before, keep = ctx.saved_tensors
+        (L, batch, dim), N = u.shape, A.shape[1]
+        T = _chunk_len(u, N)
+        dy = _time_major(dy)[:, :, None, :]                               # [L, batch, 1, dim]
+        delta_u, A_T = delta * u, A.T.contiguous()                        # A_T [N, dim]
+        A2 = A_T * math.log2(math.e)
+        H_buf, (a_buf, g_buf, tmp) = u.new_empty(T + 1, batch, N, dim), u.new_empty(3, T, batch, N, dim)
+        d_delta_u, d_delta_A = torch.empty_like(u), torch.empty_like(u)  # d(delta_t u_t), the part of ddelta via A
+        dB, dC, dA = torch.empty_like(B), torch.empty_like(C), torch.zeros_like(A_T)
+        ag_after = None                   # a_{t+1} g_{t+1} at the first step t+1 of the chunk after this one
+        for k in reversed(range(len(h_before))):
+            s = slice(k * T, k * T + T)
+            H, a = _chunk_states(h_before[k], s, delta, delta_u, B, A2, keep, H_buf, a_buf)   # h_{t-1}, h_t; a_t
+            g = torch.mul(dy[s], C[s, :, :, None], out=g_buf[:len(a)])    # C_t dy_t, then + a_{t+1} g_{t+1}:
+            if ag_after is not None:
+                g[-1] += ag_after
+            g_t, a_t = g.unbind(0), a.unbind(0)
+            for t in range(len(a) - 2, -1, -1):
+                g_t[t].addcmul_(a_t[t + 1], g_t[t + 1])
+            torch.matmul(B[s, :, None, :], g, out=d_delta_u[s, :, None])                  # sum_n g_t B_t
+            torch.matmul(delta_u[s, :, None, :], g.transpose(-1, -2), out=dB[s, :, None]) # sum_d g_t delta_t u_t
+            torch.matmul(dy[s], H[1:].transpose(-1, -2), out=dC[s, :, None])              # sum_d h_t dy_t
+            ag = g.mul_(a)                                                # from here on g's buffer holds a_t g_t
+            ag_after = ag[0].clone()
+            g_dA = ag.mul_(H[:-1])                                        # g_t a_t h_{t-1} = dLoss/d(delta_t A)
+            torch.sum(torch.mul(g_dA, A_T, out=tmp[:len(a)]), -2, out=d_delta_A[s])
+            dA += g_dA.mul_(delta[s, :, None, :]).sum((0, 1))
+        du = d_delta_u * delta
+        d_delta = d_delta_u.mul_(u).add_(d_delta_A)
+        return (du.permute(1, 2, 0), d_delta.permute(1, 2, 0), dA.T, dB.permute(1, 2, 0), dC.permute(1, 2, 0),
+                None)
 
 
-def _decay(delta_t, A, keep, t, out=None):
-    """a_t = exp(delta_t A) [batch, dim, N], times 1 - r_t where the scan has resets (keep, or None)."""
-    a = torch.exp(delta_t * A, out=out)
-    return a if keep is None else a.mul_(keep[t])
+def _chunk_states(h, s, delta, delta_u, B, A2, keep, H_buf, a_buf):
+    """The recurrence over the time steps s = t0..t1-1 (a slice) from the state h [batch, N, dim] before them,
+    written into the chunk's buffers; delta, delta_u [L, batch, dim], B [L, batch, N], A2 = A^T log2(e)
+    [N, dim], keep [L, batch, 1, 1] or None. Returns the views H = (h_{t0-1}, h_{t0}, ..., h_{t1-1}) and
+    a = (a_{t0}, ..., a_{t1-1}) of the buffers."""
+    T = len(delta[s])
+    a = torch.mul(delta[s, :, None, :], A2, out=a_buf[:T]).exp2_()      # a_t = exp(delta_t A), the chunk at once
+    if keep is not None:
+        a.mul_(keep[s])
+    H = H_buf[:T + 1]
+    H[0] = h
+    torch.mul(delta_u[s, :, None, :], B[s, :, :, None], out=H[1:])      # b_t, the chunk at once
+    h_t, a_t = H.unbind(0), a.unbind(0)
+    for t in range(T):                                                  # h_t = a_t h_{t-1} + b_t, one op a step
+        h_t[t + 1].addcmul_(a_t[t], h_t[t])
+    return H, a
+
+
+def _chunk_len(u, N):
+    """Time steps per chunk for u [L, batch, dim]: a [T, batch, N, dim] buffer of about CPU_CHUNK_BYTES."""
+    L, batch, dim = u.shape
+    return max(1, min(L, CPU_CHUNK_BYTES // (batch * N * dim * u.element_size())))
+
+
+def _time_major(x):
+    """[batch, *, L] -> [L, batch, *], contiguous: each time step one block of memory."""
+    return x.permute(2, 0, 1).contiguous()
 
 
 # ----------------------------------------------------------------------------- the Triton kernels (GPU)

@@ -894,6 +894,27 @@ def test_selective_scan_torch_equals_ref(shape, options):
         _assert_close_to_scale(fast, ref, CPU_TOL)
 
 
+@pytest.mark.parametrize("chunk", [1, 5, 64])
+def test_selective_scan_torch_chunks_equal_ref(chunk, monkeypatch):
+    """The CPU path walks time in chunks (its forward keeps the state before each chunk, its backward recomputes
+    the chunk from it): any chunk length, a partial last chunk, L = 1, and resets on a chunk's first and last
+    steps give the oracle's output, last state and every input gradient."""
+    monkeypatch.setattr(mamba, "_chunk_len", lambda u, N: min(chunk, u.shape[0]))
+    for L in (1, 23):
+        inputs = _scan_inputs(3, 4, L, 3)
+        reset = torch.zeros(3, L, dtype=torch.bool)
+        reset[0, ::5], reset[1, 4::5] = True, True        # row 0: each 5-chunk's first step, row 1: its last
+        results = {}
+        for backend in ("ref", "torch"):
+            leaves = {key: value.clone().requires_grad_() for key, value in inputs.items()}
+            y, h = mamba.selective_scan(**leaves, delta_softplus=True, backend=backend, reset=reset,
+                                        return_last_state=True)
+            (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+            results[backend] = [y.detach(), h.detach()] + [leaves[key].grad for key in sorted(leaves)]
+        for fast, ref in zip(results["torch"], results["ref"]):
+            _assert_close_to_scale(fast, ref, CPU_TOL)
+
+
 def _scan_outputs_and_grads(shape, options, backends, device="cpu", dtype=torch.float32):
     """{backend: [y, then the gradient of every input in name order]} for a fixed non-uniform loss.
     options picks the optional inputs (D, z, delta_bias) and softplus (without it delta is made positive)."""
@@ -1623,8 +1644,8 @@ def test_triton_backend_choice_and_errors(monkeypatch):
 
 # ----------------------------------------------------------------------------- mamba.py: resets (rl2.py)
 # Rows of a batch with the steps where a new sequence starts: at the first step (a no-op), mid-chunk, on a
-# chunk boundary (16, with CHUNK = 16), right after another reset, at the last step; and a row without any,
-# whose packed scan runs the reset code against the plain reset=None one.
+# chunk boundary (16, with chunks of 16 steps in Triton and on the CPU), right after another reset, at the last
+# step; and a row without any, whose packed scan runs the reset code against the plain reset=None one.
 RESET_AT = ([0, 5, 16, 17, 36], [], [1, 30])
 
 
@@ -1646,6 +1667,7 @@ def test_scan_with_resets_equals_independent_scans_of_the_segments(backend, monk
     """One scan over packed sequences, h_t = a_t (1 - r_t) h_{t-1} + delta_t B_t u_t, gives each segment's
     output and every input gradient exactly as if it were scanned alone."""
     monkeypatch.setattr(mamba, "CHUNK", 16)
+    monkeypatch.setattr(mamba, "_chunk_len", lambda u, N: 16)      # the CPU path's chunks too
     L, inputs = 37, _scan_inputs(len(RESET_AT), 3, 37, 2)
     reset = _reset_mask(L)
     results = []
