@@ -254,8 +254,8 @@ def run(args):
     torch.manual_seed(args.seed)
     train_tasks = envs.sample_tasks(args.env, args.tasks, "train", seed=args.task_seed)
     test_tasks = envs.sample_tasks(args.env, args.test_tasks, "test", seed=args.test_seed)
-    probe = envs.make_env(args.env, test_tasks[0])  # one env for the sizes; the test trials make their own
-    obs_dim, act_dim = probe.observation_space.shape[0], probe.action_space.shape[0]
+    sizes = envs.MultiTaskVecEnv(args.env, test_tasks[:1], 1)  # one env for the sizes; the test trials make their own
+    obs_dim, act_dim = sizes.obs_dim, sizes.act_dim
     d_in = obs_dim + act_dim + 2
     agent = Agent(build_model(args.arch, d_in, act_dim + 1, args.d_model, args.n_layer), act_dim)
     agent.to(args.device)
