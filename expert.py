@@ -20,8 +20,12 @@ deterministically: tanh of the Gaussian's mean. After training, the expert is sc
 tasks, also when told the task distribution's mean instead of the task (how far a policy that ignores
 the task gets); both go to expert.json beside it.
 
+Training saves itself every few minutes (resume.pt in --out, at an episode's end); --resume continues a killed
+run from there and ends with the very weights an unbroken run would have.
+
     python expert.py --env half_cheetah_vel               # -> checkpoints/experts/half_cheetah_vel/
     python expert.py --env point_goal --steps 20000 --out /tmp/pg_expert
+    python expert.py --env ant_dir --resume                # continue a killed run
 """
 import argparse
 import os
@@ -33,6 +37,7 @@ import torch
 import torch.nn as nn
 
 import envs
+import rl
 import sac
 
 DEFAULTS = dict(n_envs=10, gradient_steps=3, lr=1e-3, alpha_init=0.1)  # ENVS[env].expert overrides these
@@ -50,6 +55,17 @@ class TaskVisibleVecEnv:
         self.task_dim = self.vec.envs[0][0].task.shape[0]
         self.n_tasks, self.n_envs, self.horizon = 1, n_envs, self.vec.horizon
         self.obs_dim, self.act_dim = self.vec.obs_dim + self.task_dim, self.vec.act_dim
+
+    def get_state(self):
+        """What the next resets draw from: the task stream and every env's np_random. A MuJoCo env's reset
+        clears its simulator (mj_resetData) before reset_model draws, so nothing else carries over."""
+        return {"tasks": self.rng.bit_generator.state,
+                "envs": [row[0].np_random.bit_generator.state for row in self.vec.envs]}
+
+    def set_state(self, state):
+        self.rng.bit_generator.state = state["tasks"]
+        for row, env_state in zip(self.vec.envs, state["envs"], strict=True):
+            row[0].np_random.bit_generator.state = env_state
 
     def draw(self, n):
         return np.stack([self.sample_task(self.rng) for _ in range(n)]).astype(np.float32)
@@ -141,7 +157,9 @@ def score(expert, n_tasks=10, seed=0):
 
 
 def train(args):
-    """SAC on TaskVisibleVecEnv; returns the Expert (its actor) and the training curve's last returns."""
+    """SAC on TaskVisibleVecEnv, saved to --out/resume.pt as it goes and with --resume continued from there;
+    returns the Expert (its actor), the training curve's episode returns and the minutes trained (over every
+    session of a resumed run)."""
     vec = TaskVisibleVecEnv(args.env, args.n_envs, seed=args.seed)
     n_steps = args.steps // (args.n_envs * vec.horizon) * vec.horizon  # vector steps, whole episodes
     if n_steps == 0:
@@ -149,11 +167,76 @@ def train(args):
     torch.manual_seed(args.seed)
     agent = sac.make_sac(args, 1, vec.obs_dim, vec.act_dim)
     agent.rng.seed([args.seed])
-    buf = sac.collect_and_learn(agent, vec, n_steps, args, f"{args.env} expert")
+    buf = rl.HistoryBuffer(vec.n_tasks, vec.n_envs, n_steps, vec.horizon, vec.obs_dim, vec.act_dim, args.device)
+    path = resume_path(args.out)
+    if args.resume:
+        start, seconds_before = load_resume(path, args, agent, vec, buf)
+    elif os.path.exists(path):  # never start over a killed run's progress silently
+        raise ValueError(f"{args.out} holds a killed run ({path}): pass --resume to continue it, or another --out")
+    else:
+        start, seconds_before = 0, 0.0
+    t0 = last_save = time.perf_counter()
+
+    def save_now_and_then(t):  # at each episode's end; the first one past --checkpoint-every minutes saves
+        nonlocal last_save
+        if time.perf_counter() - last_save >= 60 * args.checkpoint_every:
+            save_resume(path, args, agent, vec, buf, t, seconds_before + time.perf_counter() - t0)
+            last_save = time.perf_counter()
+    sac.collect_and_learn(agent, vec, n_steps, args, f"{args.env} expert", buf=buf, start=start,
+                          on_episode_end=save_now_and_then)
     episode_returns = buf.rew[0].reshape(args.n_envs, -1, vec.horizon).sum(-1).mean(0)
     expert = Expert(args.env, vec.vec.obs_dim, vec.task_dim, vec.act_dim, args.hidden)
     expert.actor.load_state_dict(agent.actor.state_dict())
-    return expert.eval(), episode_returns
+    return expert.eval(), episode_returns, (seconds_before + time.perf_counter() - t0) / 60
+
+
+# What a resumed run must share with the killed one: each shapes the buffer, the random draws or the updates.
+RESUME_KEYS = ("env", "steps", "n_envs", "seed", "gamma", "lr", "batch_size", "warmup", "buffer_size", "tau",
+               "alpha_init", "hidden", "gradient_steps", "bf16")
+
+
+def resume_path(out):
+    return os.path.join(out, "resume.pt")
+
+
+def run_settings(args):
+    """RESUME_KEYS' values, and the kind of device: a CPU's random streams do not load into a GPU's."""
+    return {**{key: getattr(args, key) for key in RESUME_KEYS}, "device": torch.device(args.device).type}
+
+
+def optimizers(agent):
+    return agent.actor_opt, agent.critic_opt, agent.alpha_opt
+
+
+def save_resume(path, args, agent, vec, buf, t, seconds):
+    """All that the run, t vector steps in at an episode's end, needs to go on exactly as it would have:
+    the networks, Adam's moments, every random stream and the buffer so far. Written atomically: a kill
+    while writing leaves the previous file."""
+    state = {"settings": run_settings(args), "t": t, "seconds": seconds, "agent": agent.state_dict(),
+             "optimizers": [opt.state_dict() for opt in optimizers(agent)], "rng": agent.rng.get_state(),
+             "envs": vec.get_state(), "buffer": buf.state_dict()}
+    envs.write_atomic(path, lambda f: torch.save(state, f))
+
+
+def load_resume(path, args, agent, vec, buf):
+    """Restore what save_resume wrote into the fresh agent, envs and buffer, refusing a file made with other
+    settings; returns (vector steps done, seconds trained)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--resume: no {path} to resume from; drop --resume to start a new run")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key, value in run_settings(args).items():
+        if state["settings"][key] != value:
+            flag = {"bf16": "--dtype"}.get(key, "--" + key.replace("_", "-"))
+            raise ValueError(f"--resume: {path} was trained with {key}={state['settings'][key]!r}, this run has "
+                             f"{value!r}: resume with its {flag}, or use another --out")
+    agent.load_state_dict(state["agent"])
+    for opt, opt_state in zip(optimizers(agent), state["optimizers"], strict=True):
+        opt.load_state_dict(opt_state)
+    agent.rng.set_state(state["rng"])
+    vec.set_state(state["envs"])
+    buf.load_state_dict(state["buffer"])
+    print(f"resuming from vector step {state['t']} of {path}")
+    return state["t"], state["seconds"]
 
 
 def save(expert, info, out):
@@ -179,6 +262,12 @@ def build_parser():
                         "TF32 on CUDA's tensor cores, fp32-strict is not")
     p.add_argument("--test-tasks", type=envs.positive_int, default=10, help="test tasks the expert is scored on")
     p.add_argument("--out", default=None, help="where expert.pt and expert.json go; None: checkpoints/experts/ENV")
+    p.add_argument("--resume", action="store_true", help="continue the killed run in --out from its resume.pt")
+    p.add_argument("--checkpoint-every", type=float, default=5.0,
+                   help="minutes between writes of resume.pt, each at an episode's end (0: every episode). "
+                        "Minutes, not episodes: episodes take far longer on Ant than on point_goal, and a kill "
+                        "should cost a few minutes on any env while the writes (the buffer so far: up to 0.1 GB, "
+                        "Ant's) stay a small share of the time")
     return sac.add_options(p)
 
 
@@ -202,13 +291,13 @@ def main(argv=None):
             torch.set_num_threads(args.threads)
         envs.set_matmul_precision(args.device, args.dtype)
         envs.prepare_out_dir(args.out)
-        t0 = time.perf_counter()
-        expert, curve = train(args)
-        minutes = (time.perf_counter() - t0) / 60
+        expert, curve, minutes = train(args)
         info = {"env": args.env, "steps": args.steps, "minutes": round(minutes, 1),
                 "train_return_last10pct": float(curve[-max(1, len(curve) // 10):].mean()),
                 "args": {k: v for k, v in vars(args).items() if k != "out"}, **score(expert, args.test_tasks)}
         save(expert, info, args.out)
+        if os.path.exists(resume_path(args.out)):  # a finished run has nothing to resume
+            os.remove(resume_path(args.out))
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
     print(f"{args.env} expert: {minutes:.1f} min; on {args.test_tasks} test tasks {info['test_return']:.2f}, "

@@ -101,6 +101,14 @@ class TaskRandom:
     def __len__(self):
         return len(self.generators)
 
+    def get_state(self):
+        """Every task's generator state, for a run's resume file (expert.py)."""
+        return [generator.get_state() for generator in self.generators]
+
+    def set_state(self, states):
+        for generator, state in zip(self.generators, states, strict=True):
+            generator.set_state(state)
+
     def _draw(self, sample, shape):
         if shape[0] != len(self):
             raise ValueError(f"draw of shape {tuple(shape)} for {len(self)} tasks")
@@ -126,6 +134,7 @@ class HistoryBuffer:
     buffer (uniformly over the last `capacity` transitions of each task) and saved as the history.
     The next observation of a step is the following step's observation, except at an episode's end,
     where it is kept in `final_obs` (the next step starts a fresh episode)."""
+    FIELDS = ("obs", "act", "act_mean", "act_std", "rew")  # [task, env, step, ...]
 
     def __init__(self, n_tasks, n_envs, n_steps, horizon, obs_dim, act_dim, device):
         if n_steps % horizon:
@@ -147,6 +156,17 @@ class HistoryBuffer:
         else:
             self.obs[:, :, t + 1] = next_obs
         self.n += 1
+
+    def state_dict(self):
+        """The transitions so far, for a run's resume file (expert.py), which is written at an episode's end:
+        nothing lies past them then. Copies, since saving a slice would save its whole tensor."""
+        filled = {name: getattr(self, name)[:, :, :self.n].clone() for name in self.FIELDS}
+        return {"n": self.n, "final_obs": self.final_obs[:, :, :self.n // self.horizon].clone(), **filled}
+
+    def load_state_dict(self, state):
+        self.n = state["n"]
+        for name in ("final_obs", *self.FIELDS):
+            getattr(self, name)[:, :, :state[name].shape[2]] = state[name]
 
     def sample(self, batch_size, capacity, rng):
         """batch_size transitions per task, each task's from its own stream of `rng` (TaskRandom) ->

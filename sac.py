@@ -162,17 +162,27 @@ class SAC(nn.Module):
 UNIFORM_STD = 1 / math.sqrt(3)  # std of U(-1, 1): the "policy" of the warm-up steps
 
 
-def collect_and_learn(agent, vec, n_steps, args, desc):
+def collect_and_learn(agent, vec, n_steps, args, desc, buf=None, start=0, on_episode_end=None):
     """Run the agent on every env of `vec` for n_steps vector steps, learning as it goes (the same loop
     serves SAC and DroQ, whose `update` differs). Every random draw comes from agent.rng, each task's
-    from its own stream. Returns the filled HistoryBuffer."""
+    from its own stream. Returns the filled HistoryBuffer.
+
+    A run that resumes (expert.py) passes `buf` filled up to vector step `start`, an episode's end, with
+    the agent and the envs' random states as they were there; on_episode_end(t) is called once each
+    episode's last update is done, t vector steps in: where such a run can be saved."""
     device = args.device
-    buf = rl.HistoryBuffer(vec.n_tasks, vec.n_envs, n_steps, vec.horizon, vec.obs_dim, vec.act_dim, device)
+    if buf is None:
+        buf = rl.HistoryBuffer(vec.n_tasks, vec.n_envs, n_steps, vec.horizon, vec.obs_dim, vec.act_dim, device)
     warmup = math.ceil(args.warmup / vec.n_envs)  # warm-up counted in transitions per task, like SB3
-    obs = torch.as_tensor(vec.reset(), device=device)
     shape = (vec.n_tasks, vec.n_envs, vec.act_dim)
-    bar = tqdm(range(n_steps), desc=desc, unit="step", dynamic_ncols=True, mininterval=1.0)
+    bar = tqdm(range(start, n_steps), initial=start, total=n_steps, desc=desc, unit="step", dynamic_ncols=True,
+               mininterval=1.0)
     for t in bar:
+        # Every episode starts with a reset here, at its first step rather than right after the previous
+        # one's last step: a run saved at an episode's end then holds no half-begun episode. The envs draw
+        # from their own numpy streams, so the reset moving past the updates changes no number.
+        if t % vec.horizon == 0:
+            obs = torch.as_tensor(vec.reset(), device=device)
         if t < warmup:  # uniformly random actions fill the buffer before learning starts
             action = agent.rng.rand(shape) * 2 - 1
             mean, std = torch.zeros(shape, device=device), torch.full(shape, UNIFORM_STD, device=device)
@@ -181,13 +191,15 @@ def collect_and_learn(agent, vec, n_steps, args, desc):
         next_obs, rew, episode_over = vec.step(action.cpu().numpy())
         next_obs = torch.as_tensor(next_obs, device=device)
         buf.add(obs, action, torch.as_tensor(rew, device=device), next_obs, mean, std)
-        obs = torch.as_tensor(vec.reset(), device=device) if episode_over else next_obs
+        obs = next_obs
         if t >= warmup:
             for _ in range(args.gradient_steps):
                 agent.update(*buf.sample(args.batch_size, args.buffer_size, agent.rng))
         if episode_over:  # show the mean return of the episode that just ended
             last_return = buf.rew[:, :, t + 1 - vec.horizon:t + 1].sum(-1).mean().item()
             bar.set_postfix(ret=f"{last_return:.2f}", refresh=False)
+            if on_episode_end is not None:
+                on_episode_end(t + 1)
     bar.close()
     return buf
 

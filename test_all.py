@@ -1952,6 +1952,58 @@ def test_expert_learns_from_seeing_the_task(tmp_path):
         experts.load_expert(str(tmp_path / "none"), env="ant_dir")
 
 
+def _expert_run(out, *extra):
+    """A tiny expert.py run: 5 Reacher episodes of 4 envs (50 vector steps each), the first 2 of them warm-up,
+    then one update a step of 32-unit nets. Reacher's resets draw from each env's np_random, point_goal's do not."""
+    experts.main(["--env", "reacher_goal", "--steps", "1000", "--n-envs", "4", "--warmup", "400", "--hidden", "32",
+                  "--batch-size", "32", "--gradient-steps", "1", "--test-tasks", "2", "--threads", "1", "--device",
+                  "cpu", "--out", str(out), *extra])
+
+
+def _killed_expert_run(out, monkeypatch, kill_at, *extra):
+    """_expert_run with a resume file at every episode's end, killed at the kill_at-th one before it is written."""
+    save_resume, calls = experts.save_resume, []
+
+    def save_or_die(*args):
+        calls.append(1)
+        if len(calls) == kill_at:
+            raise KeyboardInterrupt
+        save_resume(*args)
+    monkeypatch.setattr(experts, "save_resume", save_or_die)
+    with pytest.raises(KeyboardInterrupt):
+        _expert_run(out, "--checkpoint-every", "0", *extra)
+    monkeypatch.setattr(experts, "save_resume", save_resume)
+
+
+def test_a_killed_expert_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    """Killed in the warm-up (so resumed from its first episode's end), then past it (resumed from its third),
+    the run ends with the actor and training curve of an unbroken one: the resume file carries the networks,
+    Adam's moments, every random stream (the agent's, the task draws', each env's) and the buffer. A finished
+    run leaves none behind."""
+    _expert_run(tmp_path / "whole")
+    _killed_expert_run(tmp_path / "run", monkeypatch, 2)
+    _killed_expert_run(tmp_path / "run", monkeypatch, 3, "--resume")
+    assert torch.load(tmp_path / "run" / "resume.pt", weights_only=True)["t"] == 150  # past the 100-step warm-up
+    _expert_run(tmp_path / "run", "--resume")
+    whole, resumed = (experts.load_expert(str(tmp_path / out)).actor.state_dict() for out in ("whole", "run"))
+    assert all(torch.equal(whole[key], resumed[key]) for key in whole)
+    info = [json.loads((tmp_path / out / "expert.json").read_text()) for out in ("whole", "run")]
+    assert info[0]["train_return_last10pct"] == info[1]["train_return_last10pct"]
+    assert not (tmp_path / "run" / "resume.pt").exists() and not (tmp_path / "whole" / "resume.pt").exists()
+
+
+def test_expert_resume_refuses_other_settings_and_a_silent_restart(tmp_path, monkeypatch):
+    def error_of(*extra):
+        with pytest.raises(SystemExit) as e:
+            _expert_run(tmp_path, *extra)
+        return str(e.value.code)
+    assert "--resume: no" in error_of("--resume")
+    _killed_expert_run(tmp_path, monkeypatch, 2)
+    assert "pass --resume to continue it, or another --out" in error_of()
+    assert "lr=0.001, this run has 0.002: resume with its --lr" in error_of("--resume", "--lr", "2e-3")
+    assert "--n-envs" in error_of("--resume", "--n-envs", "2")
+
+
 @pytest.mark.parametrize("n, clean, noisy", [(10, 0.2, 8), (40, 0.2, 32), (5, 0.0, 4), (1, 0.2, 0)])
 def test_epsilon_schedule_starts_at_one_and_ends_at_zero(n, clean, noisy):
     eps = noise.epsilon_schedule(n, clean=clean, power=1.5)
