@@ -529,7 +529,7 @@ def train(args):
             if improved:
                 best = entry["val_score"]
             state = {"model_config": model_config, "model": model.state_dict(), "meta": meta, "args": vars(args),
-                     "iter": it + 1, "best_score": best, "log": log, "world_size": world}
+                     "iter": it + 1, "total_updates": total, "best_score": best, "log": log, "world_size": world}
             save_checkpoints(out_dir, state, optimizer, generator, improved)
             tqdm.write(f"update {it + 1}: loss {entry['loss']:.4f}, held-out loss {entry['val_loss']:.4f}, "
                        f"validation return first {entry['val_first_episode']:.2f} -> last 5 {entry['val_last5']:.2f}"

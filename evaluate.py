@@ -152,6 +152,13 @@ def strict_one(env, algo, k, n_curve, tasks, training_final, data_dir, args):
         f"training run's --steps)")
 
 
+def training_budget(ckpt):
+    """The run's updates and the one whose weights ckpt.pt holds (the best on validation, often earlier)."""
+    best = f"best at {ckpt['iter']:,}"
+    total = ckpt.get("total_updates")  # checkpoints from before it was recorded lack it
+    return f"{total:,} updates, {best}" if total else f"{best} (the run's total is not recorded)"
+
+
 BEHAVIOUR_TASKS = 3  # test tasks drawn in behaviour.png
 
 
@@ -186,11 +193,12 @@ def evaluate(directory, args):
                  "returns": returns[:BEHAVIOUR_TASKS]}
     return {"checkpoint": os.path.abspath(directory), "env": meta["env"], "arch": ckpt["model_config"]["arch"],
             "model_config": ckpt["model_config"], "params": sum(p.numel() for p in model.parameters()),
-            "train_seed": ckpt["args"]["seed"], "trained_updates": ckpt["iter"], "algo": meta["algo"],
+            "train_seed": ckpt["args"]["seed"], "best_at_update": ckpt["iter"],
+            "total_updates": ckpt.get("total_updates"), "algo": meta["algo"],
             "k": meta["k"], "context": meta["context"], "stream_tokens": meta["episodes"] * meta["horizon"],
             "rollout_window": window,
             "loss": meta["loss"], "action_mode": args.action_mode,
-            "budget": f"{ckpt['iter']:,} updates",
+            "budget": training_budget(ckpt),
             "selection": f"best on validation tasks (checked every {ckpt['args']['eval_every']} updates)",
             "actions": "the mean" if meta["loss"] == "mse" or args.action_mode == "mean" else "sampled",
             "seeds": args.seeds, "tasks": tasks.tolist(), "returns": returns.tolist(),

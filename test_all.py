@@ -1365,6 +1365,23 @@ def test_shipped_checkpoints_load_safely_and_evaluate(directory, tmp_path):
         assert result["summary"]["source_final_from"] == "the expert, noise-free, on these test tasks"
 
 
+def test_evaluate_reports_the_runs_updates_beside_the_scored_ones(tmp_path):
+    """The budget column states all the updates a run trained, and separately the update of the weights it
+    scores (ckpt.pt: the best on validation, often earlier), not the latter as the former."""
+    _write_point_histories(tmp_path / "data")
+    ad.train(_ad_args(tmp_path, tmp_path / "data", "--epochs", "3", "--eval-every", "1"))
+    total = torch.load(tmp_path / "run" / "last.pt", weights_only=False)["iter"]
+    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    assert ckpt["total_updates"] == total >= 3
+    evaluate.main([str(tmp_path / "run"), "--tasks", "2", "--seeds", "1", "--episodes", "2", "--no-blind",
+                   "--device", "cpu", "--out", str(tmp_path / "eval")])
+    result = json.load(open(tmp_path / "eval" / "eval.json"))
+    assert result["budget"] == f"{total:,} updates, best at {ckpt['iter']:,}"
+    assert (result["total_updates"], result["best_at_update"]) == (total, ckpt["iter"])
+    del ckpt["total_updates"]  # a checkpoint from before the total was recorded
+    assert evaluate.training_budget(ckpt) == f"best at {ckpt['iter']:,} (the run's total is not recorded)"
+
+
 def test_evaluate_rolls_a_windowed_model_out_within_its_window(tmp_path):
     """A Mamba trained on 25-token windows, rolled out for 3 episodes (60 tokens): evaluate.py's returns are
     those of a rollout bounded to the training window, and with --unbounded-context those of the model's own
