@@ -297,7 +297,7 @@ class SelectiveScanFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, _):
         u, delta, A, B, C, h_before, keep = ctx.saved_tensors
-        (L, batch, dim), N = u.shape, A.shape[1]
+        (_, batch, dim), N = u.shape, A.shape[1]
         T = _chunk_len(u, N)
         dy = _time_major(dy)[:, :, None, :]                               # [L, batch, 1, dim]
         delta_u, A_T = delta * u, A.T.contiguous()                        # A_T [N, dim]
