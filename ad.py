@@ -534,7 +534,8 @@ def train(args):
             tqdm.write(f"update {it + 1}: loss {entry['loss']:.4f}, held-out loss {entry['val_loss']:.4f}, "
                        f"validation return first {entry['val_first_episode']:.2f} -> last 5 {entry['val_last5']:.2f}"
                        f" (score {entry['val_score']:.2f}, best {best:.2f})")
-    if world > 1:
+    if world > 1:  # leave together: a rank that exits while rank 0 still validates can abort in teardown
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     if rank == 0:
         print(f"best validation score {best:.2f}; checkpoint {out_dir}/ckpt.pt; evaluate with "
