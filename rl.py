@@ -191,7 +191,7 @@ class HistoryBuffer:
 
         def by_episode(x):
             return x[i].reshape(E, S // self.horizon, self.horizon, *x.shape[3:]).cpu().numpy()
-        return {name: by_episode(getattr(self, name)) for name in ("obs", "act", "rew", "act_mean", "act_std")}
+        return {name: by_episode(getattr(self, name)) for name in self.FIELDS}
 
 
 # ----------------------------------------------------------------------------- the command line
