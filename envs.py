@@ -67,6 +67,11 @@ class MetaTask:
         self.t += 1
         return obs, float(reward), False, self.t >= self.horizon, {"task": self.task.copy()}
 
+    def expert_view(self, told):
+        """What a task-seeing expert (expert.py) is shown beside the observation when told the task `told`
+        (the true task or another): the task itself, where nothing it describes moves during an episode."""
+        return told
+
 
 class PointGoal(MetaTask, gym.Env):
     """2-D point robot (PEARL / VariBAD): s <- s + 0.1 a from (0, 0), reward -||s - goal||.
@@ -190,6 +195,14 @@ class PusherGoal(MujocoMetaTask, PusherEnv):
 
     def trace(self):  # the cylinder and where it must go
         return self.get_body_com("object")[:2].copy(), self.get_body_com("goal")[:2].copy()
+
+    def expert_view(self, told):
+        # Pushing needs feedback: a task that says only where the cylinder started leaves the expert to push
+        # blind. So it is shown the cylinder moved as far as it has really moved since the reset, from where
+        # it is told the cylinder started: told the true task, that is where the cylinder is now; told
+        # another, the cylinder stays out of sight until the expert happens to move it.
+        moved = np.array([self.data.qpos[-3], self.data.qpos[-4]]) - self.task[:2]  # the XML's slides: y, x
+        return np.concatenate([told[:2] + moved, told[2:]]).astype(np.float32)
 
 
 class HalfCheetahVel(MujocoMetaTask, HalfCheetahEnv):
@@ -503,6 +516,11 @@ class MultiTaskVecEnv:
                 obs[i, j], rew[i, j], *_ = env.step(actions[i, j])
         self.t += 1
         return obs, rew, self.t >= self.horizon
+
+    def expert_views(self, told):
+        """Every env's expert_view (MetaTask) of the task it is told, told [n_tasks, n_envs, task_dim]."""
+        return np.stack([[env.expert_view(task) for env, task in zip(row, row_told)]
+                         for row, row_told in zip(self.envs, told)])
 
     def trace(self):
         """Every env's trace() (MetaTask): where [n_tasks, n_envs, d], goal [n_tasks, n_envs, g]."""

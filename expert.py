@@ -5,7 +5,8 @@ learner makes them (sac.py, ppo.py, droq.py), but what AD must then fit is that 
 weights. AD-eps (Zisman et al. 2023, "Emergence of In-Context Reinforcement Learning from Noise
 Distillation") makes them from one good policy instead, whose actions are mixed with noise that is
 annealed away over the history. That policy is trained here, once per env family: a SAC agent that *sees*
-the task (its observation is the env's own with the hidden task vector appended), on tasks drawn afresh
+the task (its observation is the env's own with the hidden task vector appended; on Pusher, with the
+cylinder moved to where it is now: envs.PusherGoal.expert_view), on tasks drawn afresh
 from the task distribution at every episode, so that one network acts well on every task, the unseen
 test tasks included.
 
@@ -82,7 +83,7 @@ class TaskVisibleVecEnv:
 
     def show(self, obs):
         tasks = np.stack([row[0].task for row in self.vec.envs])
-        return np.concatenate([obs[:, 0], tasks], -1)[None]
+        return np.concatenate([obs[:, 0], self.vec.expert_views(tasks[:, None])[:, 0]], -1)[None]
 
 
 class Expert(nn.Module):
@@ -129,7 +130,7 @@ def expert_returns(expert, tasks, n_envs=3, seed=0, told=None):
     shown = np.broadcast_to(tasks[:, None] if told is None else told, (len(tasks), n_envs, tasks.shape[-1])).copy()
     obs, total, episode_over = vec.reset(), 0.0, False
     while not episode_over:
-        obs, rew, episode_over = vec.step(expert(obs, shown).numpy())
+        obs, rew, episode_over = vec.step(expert(obs, vec.expert_views(shown)).numpy())
         total = total + rew
     return total.mean(1)
 

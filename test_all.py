@@ -1947,6 +1947,46 @@ def test_task_visible_envs_show_the_task_they_reward_and_draw_new_ones():
     assert not np.allclose(vec.reset()[0, :, 2:], goal)                  # and is drawn anew at the reset
 
 
+def test_the_pusher_expert_sees_the_cylinder_where_it_is_now(monkeypatch):
+    """A task says where Pusher's cylinder starts; once pushed, the expert must see where it went (told
+    another task: moved as far from that task's start). Every other env shows the task unchanged. The
+    training envs, the scoring and noise.py all show the expert this view, not the bare task."""
+    task = np.array([0.1, -0.2, 0.05, 0.1], np.float32)
+    vec = envs.MultiTaskVecEnv("pusher_goal", task[None], 1)
+    vec.reset()
+    env = vec.envs[0][0]
+    np.testing.assert_allclose(env.expert_view(task), task, atol=1e-7)
+    qpos, qvel = env.data.qpos.copy(), env.data.qvel.copy()
+    qpos[-4:-2] += (-0.02, 0.05)                                         # the XML's slides: y, then x
+    env.set_state(qpos, qvel)
+    np.testing.assert_allclose(env.expert_view(task), [0.15, -0.22, 0.05, 0.1], atol=1e-6)
+    np.testing.assert_allclose(env.get_body_com("object")[:2] - env.get_body_com("goal")[:2],
+                               [0.15 - 0.05, -0.22 - 0.1], atol=1e-6)    # the view is where the body is
+    other = np.zeros(4, np.float32)
+    np.testing.assert_allclose(vec.expert_views(other[None, None])[0, 0], [0.05, -0.02, 0, 0], atol=1e-6)
+    reacher = envs.make_env("reacher_goal", np.array([0.1, 0.1], np.float32), seed=0)
+    reacher.reset()
+    assert reacher.expert_view(other) is other
+
+    training = experts.TaskVisibleVecEnv("pusher_goal", 2, seed=0)
+    training.reset()
+    drawn = np.stack([row[0].task for row in training.vec.envs])
+    obs, _, _ = training.step(np.ones((1, 2, training.act_dim), np.float32))
+    np.testing.assert_allclose(obs[0, :, -4:], training.vec.expert_views(drawn[:, None])[:, 0])
+
+    seen = []
+    def spy(obs, shown):                                                 # an expert that records its inputs
+        seen.append(np.array(shown))
+        return torch.zeros(*np.shape(obs)[:-1], 7)
+    spy.config = {"env": "pusher_goal"}
+    monkeypatch.setattr(envs.MultiTaskVecEnv, "expert_views", lambda self, told: told + 1)
+    experts.expert_returns(spy, task[None], n_envs=1)
+    noise.noise_histories(spy, "pusher_goal", task[None], [0], np.zeros(1), 1, "expert", 0.1, 0)
+    assert len(seen) == 2 * vec.horizon
+    for shown in seen:
+        np.testing.assert_array_equal(np.reshape(shown, 4), task + 1)
+
+
 def test_expert_learns_from_seeing_the_task(tmp_path):
     """A short expert.py run on point_goal: on test tasks it must beat what it gets when told only the
     mean goal (about -14.6) by far: the task it sees is what it acts on. It ships small and loads with
