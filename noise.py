@@ -81,11 +81,12 @@ def noise_histories(expert, name, tasks, task_ids, eps, streams, target, expert_
     for e, epsilon in enumerate(eps):
         obs = vec.reset()
         shown = shown_tasks(name, tasks, streams, epsilon, wrong_task, task_rngs)
+        told_truth = (shown == true).all()
         for t in range(H):
             # one call per task: a matmul's rounding depends on its row count, and a task's history must
             # not depend on the tasks rolled out beside it
             best = np.stack([expert(obs[i], view).numpy() for i, view in enumerate(vec.expert_views(true))])
-            guided = best if (shown == true).all() else np.stack(
+            guided = best if told_truth else np.stack(
                 [expert(obs[i], view).numpy() for i, view in enumerate(vec.expert_views(shown))])
             u = np.stack([rng.uniform(-1, 1, (E, A)) for rng in rngs])
             act = (1 - epsilon) * guided + epsilon * u  # a convex mix of two actions in [-1, 1]: no clip needed
