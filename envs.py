@@ -343,7 +343,7 @@ ENVS = {
         transformer=dict(d_model=256, n_layer=9, n_head=4, d_ff=2048),
         hybrid=dict(segment=20, d_model=448, n_layer=4, attn_layers=3, n_head=4, d_ff=1792),
         rl=dict(ppo=dict(norm_reward=True)),
-        expert=dict(steps=400_000)),
+        expert=dict(steps=1_200_000)),
     "half_cheetah_vel": EnvSettings(
         "HalfCheetahVel-v0", HalfCheetahVel, _half_cheetah_vel, algo="sac", train_tasks=15,
         steps_per_task=400_000, k=8, weight_decay=5e-4, mamba=dict(d_model=512, n_layer=8),
