@@ -201,7 +201,7 @@ class PusherGoal(MujocoMetaTask, PusherEnv):
         # blind. So it is shown the cylinder moved as far as it has really moved since the reset, from where
         # it is told the cylinder started: told the true task, that is where the cylinder is now; told
         # another, the cylinder stays out of sight until the expert happens to move it.
-        moved = np.array([self.data.qpos[-3], self.data.qpos[-4]]) - self.task[:2]  # the XML's slides: y, x
+        moved = self.data.qpos[-4:-2][::-1] - self.task[:2]  # the cylinder's slides hold (y, x), as reset_model writes them
         return np.concatenate([told[:2] + moved, told[2:]]).astype(np.float32)
 
 
