@@ -38,12 +38,13 @@ lengths). Runs that differ only in their training seed form one group: one curve
 shaded by the spread across seeds (a group of one run: the spread across tasks). All must be scored on the
 same test tasks for as many episodes (--allow-mixed lifts that). The table of final scores (mean and std
 over seeds, every seed's score) is printed and written to scores.md, with a second table of how each row
-was made: its training budget, which weights are scored (AD: the best on validation tasks; MQL and MACAW:
-their final weights), its action rule (AD samples; MQL and MACAW act deterministically) and its 1.
+was made: its training budget, which weights are scored (AD: the best on validation tasks, or the final
+ones from a run's last.pt; MQL and MACAW: their final weights), its action rule (AD samples; MQL and MACAW act deterministically) and its 1.
 
     python evaluate.py                                    # out/reacher_goal/mamba
     python evaluate.py out/point_goal/mamba --action-mode mean
     python evaluate.py out/a out/b --out out/compare      # several checkpoints -> one comparison plot
+    python evaluate.py out/a/last.pt                      # the run's final weights -> out/a/final
 """
 import argparse
 import functools
@@ -152,8 +153,17 @@ def strict_one(env, algo, k, n_curve, tasks, training_final, data_dir, args):
         f"training run's --steps)")
 
 
-def training_budget(ckpt):
-    """The run's updates and the one whose weights ckpt.pt holds (the best on validation, often earlier)."""
+def is_final(path):
+    """Whether `path` is a run's last.pt: its latest weights (what --resume continues), not the best on
+    validation that ckpt.pt keeps. Validation on a few noisy rollouts can pick early weights."""
+    return os.path.basename(path) == "last.pt"
+
+
+def training_budget(ckpt, final=False):
+    """The run's updates and the one whose weights are scored: ckpt.pt's (the best on validation, often
+    earlier) or, from last.pt, the final ones."""
+    if final:
+        return f"{ckpt['iter']:,} updates, final weights"
     best = f"best at {ckpt['iter']:,}"
     total = ckpt.get("total_updates")  # checkpoints from before it was recorded lack it
     return f"{total:,} updates, {best}" if total else f"{best} (the run's total is not recorded)"
@@ -172,7 +182,8 @@ def evaluate(directory, args):
     tasks = envs.sample_tasks(meta["env"], args.tasks, "test", seed=args.seed)
     n_episodes = args.episodes or meta["episodes"]
     window = ad.rollout_window(meta, bounded=not args.unbounded_context)
-    name = os.path.basename(os.path.normpath(directory))
+    final = is_final(directory)
+    name = os.path.basename(os.path.dirname(directory) if final else os.path.normpath(directory))
     rollout = functools.partial(ad.rollout, model, meta, tasks, n_episodes, n_seeds=args.seeds,
                                 action_mode=args.action_mode, seed=args.seed, device=args.device, window=window)
     returns, where, goal = rollout(record=True, desc=name)
@@ -198,8 +209,9 @@ def evaluate(directory, args):
             "k": meta["k"], "context": meta["context"], "stream_tokens": meta["episodes"] * meta["horizon"],
             "rollout_window": window,
             "loss": meta["loss"], "action_mode": args.action_mode,
-            "budget": training_budget(ckpt),
-            "selection": f"best on validation tasks (checked every {ckpt['args']['eval_every']} updates)",
+            "budget": training_budget(ckpt, final), "final_weights": final,
+            "selection": "final weights (last.pt)" if final else
+                         f"best on validation tasks (checked every {ckpt['args']['eval_every']} updates)",
             "actions": "the mean" if meta["loss"] == "mse" or args.action_mode == "mean" else "sampled",
             "seeds": args.seeds, "tasks": tasks.tolist(), "returns": returns.tolist(),
             "blind_returns": None if blind is None else blind.tolist(),
@@ -247,8 +259,9 @@ def label(result):
     if not full and result["rollout_window"] is None:
         context += ", rolled out unbounded"
     ablation = ", no valuable sub-goals" if config.get("valuable_subgoals") is False else ""  # DM-H's ablation
+    weights = ", final weights" if result.get("final_weights") else ""
     return (f"AD-{result['arch']} {config['d_model']}x{config['n_layer']} ({result['params'] / 1e3:.0f}k params)"
-            f"{ablation}, context {context}")
+            f"{ablation}, context {context}{weights}")
 
 
 def group_runs(results):
@@ -440,7 +453,8 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoints", nargs="*", default=[os.path.join("out", "reacher_goal", "mamba")],
-                   help="checkpoint directories (or ckpt.pt files) written by ad.py")
+                   help="checkpoint directories (or ckpt.pt files) written by ad.py; a run's last.pt scores "
+                        "its final weights instead of the best on validation (-> RUN/final)")
     p.add_argument("--tasks", type=envs.positive_int, default=10, help="held-out test tasks")
     p.add_argument("--seeds", type=envs.positive_int, default=3, help="rollouts per task")
     p.add_argument("--episodes", type=envs.positive_int, default=None,
@@ -483,7 +497,8 @@ def main(argv=None):
             check_alike(results, args.checkpoints)
         groups = group_runs(results)
         out = args.out or (args.checkpoints[0] if len(args.checkpoints) == 1 else os.path.join("out", "compare"))
-        out = os.path.dirname(out) if out.endswith(".pt") else out
+        if out.endswith(".pt"):  # one checkpoint file: its run directory; last.pt's RUN/final keeps ckpt.pt's eval.json
+            out = os.path.join(os.path.dirname(out), "final") if is_final(out) else os.path.dirname(out)
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "eval.json"), "w") as f:
             json.dump(results[0] if len(results) == 1 else results, f)

@@ -1382,6 +1382,29 @@ def test_evaluate_reports_the_runs_updates_beside_the_scored_ones(tmp_path):
     assert evaluate.training_budget(ckpt) == f"best at {ckpt['iter']:,} (the run's total is not recorded)"
 
 
+def test_evaluate_scores_a_runs_final_weights_from_its_last_pt(tmp_path):
+    """`evaluate.py RUN/last.pt` rolls out the final weights, says so (budget, scored weights, label) and
+    writes to RUN/final, leaving ckpt.pt's eval.json alone; scored beside ckpt.pt they are two rows."""
+    _write_point_histories(tmp_path / "data")
+    ad.train(_ad_args(tmp_path, tmp_path / "data", "--epochs", "3", "--eval-every", "1"))
+    run = tmp_path / "run"
+    total = torch.load(run / "last.pt", weights_only=True)["iter"]
+    flags = ["--tasks", "2", "--seeds", "1", "--episodes", "2", "--no-blind", "--device", "cpu"]
+    evaluate.main([str(run), *flags])
+    evaluate.main([str(run / "last.pt"), *flags])
+    best, final = (json.load(open(run / where / "eval.json")) for where in (".", "final"))
+    assert final["budget"] == f"{total:,} updates, final weights" and final["best_at_update"] == total
+    assert (best["selection"], final["selection"]) == (
+        "best on validation tasks (checked every 1 updates)", "final weights (last.pt)")
+    model, ckpt = ad.load_checkpoint(str(run / "last.pt"))
+    tasks = envs.sample_tasks("point_goal", 2, "test")
+    expected = ad.rollout(model, ckpt["meta"], tasks, 2, action_mode="sample", window=ad.rollout_window(ckpt["meta"]))
+    np.testing.assert_array_equal(final["returns"], expected)
+    evaluate.main([str(run), str(run / "last.pt"), *flags, "--out", str(tmp_path / "both")])
+    rows = json.load(open(tmp_path / "both" / "eval.json"))
+    assert [evaluate.label(r).endswith(", final weights") for r in rows] == [False, True]
+
+
 def test_evaluate_rolls_a_windowed_model_out_within_its_window(tmp_path):
     """A Mamba trained on 25-token windows, rolled out for 3 episodes (60 tokens): evaluate.py's returns are
     those of a rollout bounded to the training window, and with --unbounded-context those of the model's own
