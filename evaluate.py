@@ -39,7 +39,8 @@ shaded by the spread across seeds (a group of one run: the spread across tasks).
 same test tasks for as many episodes (--allow-mixed lifts that). The table of final scores (mean and std
 over seeds, every seed's score) is printed and written to scores.md, with a second table of how each row
 was made: its training budget, which weights are scored (AD: the best on validation tasks, or the final
-ones from a run's last.pt; MQL and MACAW: their final weights), its action rule (AD samples; MQL and MACAW act deterministically) and its 1.
+ones from a run's last.pt; MQL and MACAW: their final weights), its action rule (AD samples; MQL and MACAW
+act deterministically) and its 1.
 
     python evaluate.py                                    # out/reacher_goal/mamba
     python evaluate.py out/point_goal/mamba --action-mode mean
@@ -183,7 +184,8 @@ def evaluate(directory, args):
     n_episodes = args.episodes or meta["episodes"]
     window = ad.rollout_window(meta, bounded=not args.unbounded_context)
     final = is_final(directory)
-    name = os.path.basename(os.path.dirname(directory) if final else os.path.normpath(directory))
+    run_dir = os.path.dirname(directory) if directory.endswith(".pt") else os.path.normpath(directory)
+    name = os.path.basename(run_dir)
     rollout = functools.partial(ad.rollout, model, meta, tasks, n_episodes, n_seeds=args.seeds,
                                 action_mode=args.action_mode, seed=args.seed, device=args.device, window=window)
     returns, where, goal = rollout(record=True, desc=name)

@@ -1393,6 +1393,7 @@ def test_evaluate_scores_a_runs_final_weights_from_its_last_pt(tmp_path):
     evaluate.main([str(run), *flags])
     evaluate.main([str(run / "last.pt"), *flags])
     best, final = (json.load(open(run / where / "eval.json")) for where in (".", "final"))
+    assert best["best_at_update"] < total  # else the two files hold the same weights and nothing tells them apart
     assert final["budget"] == f"{total:,} updates, final weights" and final["best_at_update"] == total
     assert (best["selection"], final["selection"]) == (
         "best on validation tasks (checked every 1 updates)", "final weights (last.pt)")
