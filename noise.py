@@ -21,6 +21,9 @@ the histories above, clean-looking actions always belong to the true task, so th
 the task and the rewards need not be read. --wrong-task P adds the missing case: in each noisy episode,
 with probability P, the expert is shown a task drawn afresh from the training distribution instead of
 the true one (the noise mixed in as usual), while the relabelled target stays the true task's a*.
+--wrong-near K makes some of those near misses: the wrong task is the nearest to the true one of k fresh
+draws, k uniform in 1..K. A model's own guess at test time is often nearly right; far-off wrong tasks
+alone never show it a context that is clean, a little off and says so only in its rewards.
 The files are the RL scripts' format (envs.save_history, algo "noise"), so ad.py reads them as they are.
 The settings, eps per episode and the expert's path go to noise.json beside them: ad.py keeps it in its
 checkpoint, and evaluate.py then scores against the expert's noise-free return on the same test tasks.
@@ -30,6 +33,7 @@ written --parallel at a time and a killed run resumes from the tasks not yet wri
     python noise.py --env half_cheetah_vel             # expert at checkpoints/experts/ENV -> data/ENV/noise_expert
     python noise.py --env point_goal --target behaviour --tasks 20 --episodes 40
     python noise.py --env half_cheetah_vel --wrong-task 0.5 --out data/half_cheetah_vel/noise_wrong
+    python noise.py --env half_cheetah_vel --wrong-task 0.5 --wrong-near 8 --out data/half_cheetah_vel/noise_near
     python ad.py --env half_cheetah_vel --data data/half_cheetah_vel/noise_expert --k 1
 """
 import argparse
@@ -55,19 +59,24 @@ def epsilon_schedule(n_episodes, clean=0.2, power=1.5):
     return np.concatenate([noisy, np.zeros(n_episodes - n_noisy)]).astype(np.float32)
 
 
-def shown_tasks(name, tasks, streams, epsilon, wrong_task, task_rngs):
+def shown_tasks(name, tasks, streams, epsilon, wrong_task, task_rngs, wrong_near=1):
     """The task the expert is shown in each stream for one episode, [T, E, task_dim]: the true one, or
-    (in a noisy episode, with probability wrong_task) one drawn afresh from the training distribution."""
+    (in a noisy episode, with probability wrong_task) one drawn afresh from the training distribution: the
+    nearest to the true task of k draws, k uniform in 1..wrong_near (1: any draw)."""
     shown = np.repeat(tasks[:, None], streams, 1)
     if epsilon > 0 and wrong_task > 0:
         sample = envs.env_settings(name).sample_task
         for i, rng in enumerate(task_rngs):
             for j in np.flatnonzero(rng.random(streams) < wrong_task):
-                shown[i, j] = sample(rng)
+                # wrong_near = 1 draws nothing more, so earlier histories are made again bit for bit
+                k = rng.integers(1, wrong_near + 1) if wrong_near > 1 else 1
+                draws = np.stack([sample(rng) for _ in range(k)])
+                shown[i, j] = draws[np.argmin(np.linalg.norm(draws - tasks[i], axis=1))]
     return shown
 
 
-def noise_histories(expert, name, tasks, task_ids, eps, streams, target, expert_std, seed, wrong_task=0.0):
+def noise_histories(expert, name, tasks, task_ids, eps, streams, target, expert_std, seed, wrong_task=0.0,
+                    wrong_near=1):
     """Roll the expert out with annealed noise on `tasks` (streams copies each) for len(eps) episodes.
     Returns one dict of history arrays per task, as envs.save_history takes them."""
     vec = envs.MultiTaskVecEnv(name, tasks, streams, seed=seed, task_ids=task_ids)
@@ -80,7 +89,7 @@ def noise_histories(expert, name, tasks, task_ids, eps, streams, target, expert_
               **{key: np.zeros((T, E, len(eps), H, A), np.float32) for key in ("act", "act_mean", "act_std")}}
     for e, epsilon in enumerate(eps):
         obs = vec.reset()
-        shown = shown_tasks(name, tasks, streams, epsilon, wrong_task, task_rngs)
+        shown = shown_tasks(name, tasks, streams, epsilon, wrong_task, task_rngs, wrong_near)
         told_truth = (shown == true).all()
         for t in range(H):
             # one call per task: a matmul's rounding depends on its row count, and a task's history must
@@ -105,7 +114,7 @@ def check_settings(out, settings):
     path = os.path.join(out, "noise.json")
     if os.path.isfile(path):
         with open(path) as f:
-            found = json.load(f)
+            found = {"wrong_near": 1, **json.load(f)}  # a noise.json from before --wrong-near: its default
         if found != settings:
             changed = sorted(k for k in settings if found.get(k) != settings[k])
             raise ValueError(f"{out} holds noise histories made with other settings ({', '.join(changed)}): "
@@ -122,7 +131,8 @@ def run(args):
     envs.prepare_out_dir(args.out)
     settings = {"env": args.env, "expert": args.expert, "target": args.target, "tasks": args.tasks,
                 "streams": args.streams, "episodes": args.episodes, "clean": args.clean, "power": args.power,
-                "expert_std": args.expert_std, "wrong_task": args.wrong_task, "seed": args.seed, "eps": eps.round(4).tolist()}
+                "expert_std": args.expert_std, "wrong_task": args.wrong_task,
+                "wrong_near": args.wrong_near, "seed": args.seed, "eps": eps.round(4).tolist()}
     check_settings(args.out, settings)
     tasks = envs.sample_tasks(args.env, args.tasks, "train", seed=args.seed)
     todo = envs.pending_tasks(args.out, tasks, env=args.env, algo="noise", seed=args.seed, steps=steps)
@@ -132,7 +142,7 @@ def run(args):
     for start in tqdm(range(0, len(todo), args.parallel), desc="tasks", unit="chunk", disable=not todo):
         chunk = todo[start:start + args.parallel]
         histories = noise_histories(expert, args.env, tasks[chunk], chunk, eps, args.streams, args.target,
-                                    args.expert_std, args.seed, args.wrong_task)
+                                    args.expert_std, args.seed, args.wrong_task, args.wrong_near)
         for i, history in zip(chunk, histories):
             envs.save_history(envs.history_path(args.out, i), **history, task=tasks[i], env=args.env,
                               algo="noise", seed=args.seed, steps=steps)
@@ -158,6 +168,8 @@ def build_parser():
                    help="std of the relabelled target (and the floor of the behaviour's)")
     p.add_argument("--wrong-task", type=float, default=0.0,
                    help="probability that the expert is shown a random task in a noisy episode (0: AD-eps as published)")
+    p.add_argument("--wrong-near", type=envs.positive_int, default=1,
+                   help="a wrong task is the nearest to the true one of k draws, k uniform in 1..K (1: any draw)")
     p.add_argument("--parallel", type=envs.positive_int, default=10, help="tasks rolled out (and written) together")
     p.add_argument("--seed", type=int, default=0, help="seeds the training tasks, envs and noise")
     p.add_argument("--threads", type=envs.positive_int, default=1, help="torch CPU threads (the expert is tiny)")
@@ -171,6 +183,8 @@ def parse_args(argv=None):
         sys.exit(f"error: --clean {args.clean} must be in [0, 1)")
     if not 0 <= args.wrong_task <= 1:
         sys.exit(f"error: --wrong-task {args.wrong_task} must be in [0, 1]")
+    if args.wrong_near > 1 and args.wrong_task == 0:
+        sys.exit(f"error: --wrong-near {args.wrong_near} needs wrong-task episodes: set --wrong-task above 0")
     if args.expert_std <= 0:
         sys.exit(f"error: --expert-std {args.expert_std} must be positive")
     args.tasks = args.tasks or envs.env_settings(args.env).train_tasks

@@ -2152,6 +2152,32 @@ def test_wrong_task_episodes_act_for_another_task_but_keep_the_true_target(tmp_p
         noise.parse_args(["--wrong-task", "1.5"])
 
 
+def test_near_miss_wrong_tasks_sit_closer_to_the_true_task():
+    """--wrong-near K: a wrong task is the nearest of k draws (k in 1..K), so wrong tasks sit closer to the
+    true one than plain draws while staying the env's tasks; K = 1 is the plain draw, as before the flag
+    (the histories made earlier are made again); a noise-free episode shows the truth; and the flag
+    without wrong-task episodes is refused."""
+    tasks = envs.sample_tasks("half_cheetah_vel", 20, "train", seed=0)
+
+    def shown(near, epsilon=0.5):
+        rngs = [np.random.default_rng([0, i]) for i in range(20)]
+        return noise.shown_tasks("half_cheetah_vel", tasks, 50, epsilon, 1.0, rngs, near)
+
+    plain, near = shown(1), shown(8)
+    expected = np.zeros_like(plain)
+    for i in range(20):
+        rng = np.random.default_rng([0, i])
+        rng.random(50)                                    # which streams go wrong: all, at probability 1
+        expected[i] = [envs.env_settings("half_cheetah_vel").sample_task(rng) for _ in range(50)]
+    np.testing.assert_array_equal(plain, expected)
+    gap = lambda s: np.abs(s[..., 0] - tasks[:, None, 0])
+    assert np.median(gap(near)) < 0.5 * np.median(gap(plain))
+    assert (near >= 0).all() and (near <= 3).all() and (gap(near) > 0).all()
+    np.testing.assert_array_equal(shown(8, epsilon=0.0), np.repeat(tasks[:, None], 50, 1))
+    with pytest.raises(SystemExit, match="--wrong-near 4 needs wrong-task episodes"):
+        noise.parse_args(["--wrong-near", "4"])
+
+
 def test_ad_on_noise_histories_is_scored_against_the_expert(tmp_path):
     """ad.py trains on noise.py's files and keeps noise.json; evaluate.py's 1 is then the expert's own
     return on the same test tasks, and it reports the expert told the mean task and the blind control."""
