@@ -184,8 +184,7 @@ def evaluate(directory, args):
     n_episodes = args.episodes or meta["episodes"]
     window = ad.rollout_window(meta, bounded=not args.unbounded_context)
     final = is_final(directory)
-    run_dir = os.path.dirname(directory) if directory.endswith(".pt") else os.path.normpath(directory)
-    name = os.path.basename(run_dir)
+    name = os.path.basename(os.path.dirname(directory) if directory.endswith(".pt") else os.path.normpath(directory))
     rollout = functools.partial(ad.rollout, model, meta, tasks, n_episodes, n_seeds=args.seeds,
                                 action_mode=args.action_mode, seed=args.seed, device=args.device, window=window)
     returns, where, goal = rollout(record=True, desc=name)

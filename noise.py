@@ -114,9 +114,11 @@ def check_settings(out, settings):
     path = os.path.join(out, "noise.json")
     if os.path.isfile(path):
         with open(path) as f:
-            found = {"wrong_near": 1, **json.load(f)}  # a noise.json from before --wrong-near: its default
-        if found != settings:
-            changed = sorted(k for k in settings if found.get(k) != settings[k])
+            found = json.load(f)
+        # a setting added after the file was written reads as its default: the histories were made without it
+        parser = build_parser()
+        changed = sorted(k for k in settings if found.get(k, parser.get_default(k)) != settings[k])
+        if changed:
             raise ValueError(f"{out} holds noise histories made with other settings ({', '.join(changed)}): "
                              f"use another --out or delete it")
         return

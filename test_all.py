@@ -2126,6 +2126,11 @@ def test_noise_histories_mix_the_expert_with_annealed_noise(tmp_path):
         np.testing.assert_array_equal(a["act"], b["act"])
     stamp = os.path.getmtime(envs.history_path(str(tmp_path / "rel"), 0))
     _noise(tmp_path, expert_dir, tmp_path / "rel")                       # nothing left to do
+    settings_path = tmp_path / "rel" / "noise.json"                      # as written before --wrong-near
+    settings = json.load(open(settings_path))
+    del settings["wrong_near"]
+    settings_path.write_text(json.dumps(settings))
+    _noise(tmp_path, expert_dir, tmp_path / "rel")                       # read as its default: resumes
     assert os.path.getmtime(envs.history_path(str(tmp_path / "rel"), 0)) == stamp
     with pytest.raises(SystemExit, match="other settings \\(target\\)"):
         _noise(tmp_path, expert_dir, tmp_path / "rel", "--target", "behaviour")
