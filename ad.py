@@ -521,7 +521,6 @@ def train(args):
                                                first=it + 1 - n_summed, last=it)
             loss_sum.zero_()
             n_summed = 0
-            bar.set_postfix(loss=f"{mean_loss:.4f}", best=f"{best:.2f}", refresh=False)
         if evaluating and rank == 0:
             entry = validation(model, it + 1, last_loss)
             log.append(entry)
@@ -534,6 +533,8 @@ def train(args):
             tqdm.write(f"update {it + 1}: loss {entry['loss']:.4f}, held-out loss {entry['val_loss']:.4f}, "
                        f"validation return first {entry['val_first_episode']:.2f} -> last 5 {entry['val_last5']:.2f}"
                        f" (score {entry['val_score']:.2f}, best {best:.2f})")
+        if n_summed == 0:  # the losses were just read; after a validation, its best shows at once
+            bar.set_postfix(loss=f"{mean_loss:.4f}", best=f"{best:.2f}", refresh=False)
     if world > 1:  # leave together: a rank that exits while rank 0 still validates can abort in teardown
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
