@@ -154,6 +154,11 @@ def strict_one(env, algo, k, n_curve, tasks, training_final, data_dir, args):
         f"training run's --steps)")
 
 
+def run_directory(path):
+    """The run a checkpoint belongs to: `path` itself, or the directory of its ckpt.pt / last.pt file."""
+    return os.path.dirname(path) if path.endswith(".pt") else os.path.normpath(path)
+
+
 def is_final(path):
     """Whether `path` is a run's last.pt: its latest weights (what --resume continues), not the best on
     validation that ckpt.pt keeps. Validation on a few noisy rollouts can pick early weights."""
@@ -184,7 +189,7 @@ def evaluate(directory, args):
     n_episodes = args.episodes or meta["episodes"]
     window = ad.rollout_window(meta, bounded=not args.unbounded_context)
     final = is_final(directory)
-    name = os.path.basename(os.path.dirname(directory) if directory.endswith(".pt") else os.path.normpath(directory))
+    name = os.path.basename(run_directory(directory))
     rollout = functools.partial(ad.rollout, model, meta, tasks, n_episodes, n_seeds=args.seeds,
                                 action_mode=args.action_mode, seed=args.seed, device=args.device, window=window)
     returns, where, goal = rollout(record=True, desc=name)
@@ -499,7 +504,7 @@ def main(argv=None):
         groups = group_runs(results)
         out = args.out or (args.checkpoints[0] if len(args.checkpoints) == 1 else os.path.join("out", "compare"))
         if out.endswith(".pt"):  # one checkpoint file: its run directory; last.pt's RUN/final keeps ckpt.pt's eval.json
-            out = os.path.join(os.path.dirname(out), "final") if is_final(out) else os.path.dirname(out)
+            out = os.path.join(run_directory(out), "final") if is_final(out) else run_directory(out)
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "eval.json"), "w") as f:
             json.dump(results[0] if len(results) == 1 else results, f)
