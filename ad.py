@@ -516,7 +516,8 @@ def train(args):
         loss_sum += loss
         n_summed += 1
         evaluating = (it + 1) % args.eval_every == 0 or it + 1 == total
-        if evaluating or (it + 1) % LOSS_READ_EVERY == 0:
+        reading = evaluating or (it + 1) % LOSS_READ_EVERY == 0
+        if reading:
             mean_loss, last_loss = read_losses(torch.stack([loss_sum / n_summed, loss]), world,
                                                first=it + 1 - n_summed, last=it)
             loss_sum.zero_()
@@ -533,7 +534,7 @@ def train(args):
             tqdm.write(f"update {it + 1}: loss {entry['loss']:.4f}, held-out loss {entry['val_loss']:.4f}, "
                        f"validation return first {entry['val_first_episode']:.2f} -> last 5 {entry['val_last5']:.2f}"
                        f" (score {entry['val_score']:.2f}, best {best:.2f})")
-        if n_summed == 0:  # the losses were just read; after a validation, its best shows at once
+        if reading:  # after the validation, so that its best shows at once
             bar.set_postfix(loss=f"{mean_loss:.4f}", best=f"{best:.2f}", refresh=False)
     if world > 1:  # leave together: a rank that exits while rank 0 still validates can abort in teardown
         torch.distributed.barrier()
