@@ -480,6 +480,9 @@ def prepare(args):
     if os.path.isfile(noise_settings):  # noise.py's histories: evaluate.py scores against their expert
         with open(noise_settings) as f:
             meta["noise"] = json.load(f)
+        if meta["noise"].get("split", "train") != "train":  # evaluate.py would score it on the tasks it learnt
+            raise DataError(f"{data_dir} holds noise histories of the {meta['noise']['split']} tasks: "
+                            f"train on noise.py's --split train (its default)")
     return train, held, config, meta
 
 

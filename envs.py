@@ -191,7 +191,15 @@ class PusherGoal(MujocoMetaTask, PusherEnv):
 
     def _reward(self, ctrl, xy_velocity):
         obj, tip, goal = (self.get_body_com(b) for b in ("object", "tips_arm", "goal"))
-        return -np.linalg.norm(obj - goal) - 0.5 * np.linalg.norm(obj - tip) - 0.1 * np.square(ctrl).sum()
+        return -np.linalg.norm(obj - goal) - 0.5 * np.linalg.norm(obj - tip) - self.ctrl_cost(ctrl)
+
+    @staticmethod
+    def ctrl_cost(ctrl):
+        return 0.1 * np.square(ctrl).sum(-1)
+
+    def cylinder_moved(self):
+        """How far the cylinder has been pushed since the reset, (dx, dy)."""
+        return self.data.qpos[-4:-2][::-1] - self.task[:2]  # the slides hold (y, x), as reset_model writes them
 
     def trace(self):  # the cylinder and where it must go
         return self.get_body_com("object")[:2].copy(), self.get_body_com("goal")[:2].copy()
@@ -201,8 +209,7 @@ class PusherGoal(MujocoMetaTask, PusherEnv):
         # blind. So it is shown the cylinder moved as far as it has really moved since the reset, from where
         # it is told the cylinder started: told the true task, that is where the cylinder is now; told
         # another, the cylinder stays out of sight until the expert happens to move it.
-        moved = self.data.qpos[-4:-2][::-1] - self.task[:2]  # the cylinder's slides hold (y, x), as reset_model writes them
-        return np.concatenate([told[:2] + moved, told[2:]]).astype(np.float32)
+        return np.concatenate([told[:2] + self.cylinder_moved(), told[2:]]).astype(np.float32)
 
 
 class HalfCheetahVel(MujocoMetaTask, HalfCheetahEnv):
@@ -258,11 +265,15 @@ def _reacher_goal(rng):
     return 0.2 * np.sqrt(rng.uniform()) * _direction(rng.uniform(0, 2 * np.pi))  # uniform in the disk
 
 
+# pusher_goal's prior: cylinder start as in Pusher-v5; goal in a box around the default goal; not too close
+PUSHER_OBJ_BOX, PUSHER_GOAL_BOX, PUSHER_MIN_GAP = ((-0.2, 0.2), (-0.3, 0.0)), ((-0.2, 0.2), (-0.2, 0.2)), 0.17
+
+
 def _pusher_goal(rng):
-    while True:  # cylinder start as in Pusher-v5; goal in a box around the default goal; not too close
-        obj = np.array([rng.uniform(-0.2, 0.2), rng.uniform(-0.3, 0.0)])
-        goal = np.array([rng.uniform(-0.2, 0.2), rng.uniform(-0.2, 0.2)])
-        if np.linalg.norm(obj - goal) > 0.17:
+    while True:
+        obj = np.array([rng.uniform(*PUSHER_OBJ_BOX[0]), rng.uniform(*PUSHER_OBJ_BOX[1])])
+        goal = np.array([rng.uniform(*PUSHER_GOAL_BOX[0]), rng.uniform(*PUSHER_GOAL_BOX[1])])
+        if np.linalg.norm(obj - goal) > PUSHER_MIN_GAP:
             return np.concatenate([obj, goal])
 
 

@@ -14,7 +14,9 @@ What AD is trained to output (--target; the histories' act_mean and act_std):
   expert     the expert's action a* at every step, the context unchanged (relabelled, as the
              Decision-Pretrained Transformer (Lee et al. 2023) and Vintix do), std --expert-std;
   behaviour  the behaviour's own distribution: mean (1 - eps) a*, std eps / sqrt(3) (AD-eps as written),
-             floored at --expert-std.
+             floored at --expert-std;
+  shown      the noise-free action of the expert as it is shown the task (below), std --expert-std: the
+             noise then only widens the states the histories visit (as DART does for imitation).
 A context the model writes itself at test time looks like none of these: its own actions are clean
 (close to an expert's) but for the task it guessed, not the true one, and only the rewards say so. In
 the histories above, clean-looking actions always belong to the true task, so the actions alone tell
@@ -24,6 +26,12 @@ the true one (the noise mixed in as usual), while the relabelled target stays th
 --wrong-near K makes some of those near misses: the wrong task is the nearest to the true one of k fresh
 draws, k uniform in 1..K. A model's own guess at test time is often nearly right; far-off wrong tasks
 alone never show it a context that is clean, a little off and says so only in its rewards.
+Pusher's histories above never show a search: the expert is told the task, or a wrong one at random,
+and a model trained on them does not learn to find the cylinder. --shown posterior makes the expert a
+searcher instead (PusherPosterior): in each episode it is shown its best guess of the task from the
+stream's earlier rewards, so a history is a search that finds the cylinder, then the goal, from rewards
+alone; --target shown trains AD to act as that searcher, and a little noise (--eps-start below 1) keeps
+the histories' contexts close to the clean ones a model writes itself.
 The files are the RL scripts' format (envs.save_history, algo "noise"), so ad.py reads them as they are.
 The settings, eps per episode and the expert's path go to noise.json beside them: ad.py keeps it in its
 checkpoint, and evaluate.py then scores against the expert's noise-free return on the same test tasks.
@@ -34,6 +42,7 @@ written --parallel at a time and a killed run resumes from the tasks not yet wri
     python noise.py --env point_goal --target behaviour --tasks 20 --episodes 40
     python noise.py --env half_cheetah_vel --wrong-task 0.5 --out data/half_cheetah_vel/noise_wrong
     python noise.py --env half_cheetah_vel --wrong-task 0.5 --wrong-near 8 --out data/half_cheetah_vel/noise_near
+    python noise.py --env pusher_goal --shown posterior --eps-start 0.3 --target shown --out data/pusher_goal/noise_post
     python ad.py --env half_cheetah_vel --data data/half_cheetah_vel/noise_expert --k 1
 """
 import argparse
@@ -51,11 +60,11 @@ import expert as experts
 import sac
 
 
-def epsilon_schedule(n_episodes, clean=0.2, power=1.5):
-    """eps per episode: from 1 at the first episode down towards 0 over the first round(n (1 - clean))
+def epsilon_schedule(n_episodes, clean=0.2, power=1.5, start=1.0):
+    """eps per episode: from `start` at the first episode down towards 0 over the first round(n (1 - clean))
     episodes, then 0 for the rest (the last one is always noise-free)."""
     n_noisy = min(n_episodes - 1, int(round(n_episodes * (1 - clean))))
-    noisy = (1 - np.arange(n_noisy) / n_noisy) ** power if n_noisy else np.zeros(0)
+    noisy = start * (1 - np.arange(n_noisy) / n_noisy) ** power if n_noisy else np.zeros(0)
     return np.concatenate([noisy, np.zeros(n_episodes - n_noisy)]).astype(np.float32)
 
 
@@ -75,21 +84,80 @@ def shown_tasks(name, tasks, streams, epsilon, wrong_task, task_rngs, wrong_near
     return shown
 
 
+class PusherPosterior:
+    """A searcher's best guess of a pusher_goal task from what one stream's earlier episodes showed: the tip's
+    path, the rewards and the controls (all in AD's context), and how far the cylinder was pushed (which
+    follows from them through the physics; the expert's own view takes it from the simulator too).
+    Reward + control cost = -(||obj - goal|| + 0.5 ||obj - tip||). While the cylinder stands still the
+    first term is a constant c, so the cylinder's start is the grid point whose distances to the tip
+    explain the rewards best, c fitted by least squares (trilateration). The goal is then the grid point
+    (far enough from the cylinder, as the prior demands) whose distance to the cylinder's path explains what
+    is left; with no push yet that is a circle, and the point of it nearest the mean goal is the guess.
+    Before any step, the guess is the task distribution's mean."""
+    GRID = 0.01  # metres: about the expert's own margin for error when it pushes
+
+    @classmethod
+    def _geometry(cls):
+        if not hasattr(cls, "obj_origin"):  # the bodies' positions for task (0, 0, 0, 0), and the grids
+            env = envs.make_env("pusher_goal", np.zeros(4))
+            cls.obj_origin, cls.goal_origin = env.get_body_com("object").copy(), env.get_body_com("goal").copy()
+            cls.mean_task = experts.mean_task("pusher_goal")
+            cls.obj_grid, cls.goal_grid = (np.stack(np.meshgrid(*(np.arange(lo, hi + 1e-9, cls.GRID) for lo, hi in box),
+                                                                indexing="ij"), -1).reshape(-1, 2)
+                                           for box in (envs.PUSHER_OBJ_BOX, envs.PUSHER_GOAL_BOX))
+
+    def __init__(self):
+        self._geometry()
+        self.tip, self.left, self.moved = [], [], []
+
+    def record(self, obs, reward, ctrl, moved):
+        """One step's clues: obs (ending with the tip), its reward, the actuator controls, the cylinder's push."""
+        self.tip.append(obs[-3:])
+        self.left.append(-(reward + envs.PusherGoal.ctrl_cost(ctrl)))  # = ||obj - goal|| + 0.5 ||obj - tip||
+        self.moved.append(moved)
+
+    def _world(self, xy, origin):
+        return origin + np.concatenate([xy, np.zeros(xy.shape[:-1] + (1,))], -1)
+
+    def guess(self):
+        """The best guess (obj_x, obj_y, goal_x, goal_y) so far."""
+        if not self.tip:
+            return self.mean_task.astype(np.float32)
+        tip, left, moved = np.array(self.tip), np.array(self.left), np.array(self.moved)
+        still = np.linalg.norm(moved, axis=1) < 1e-3
+        obj = self.mean_task[:2]
+        if still.sum() >= 3:  # three unknowns: the start's x, y and c
+            half_dist = 0.5 * np.linalg.norm(self._world(self.obj_grid, self.obj_origin)[:, None] - tip[still], axis=-1)
+            c = (left[still] - half_dist).mean(1, keepdims=True)
+            obj = self.obj_grid[((left[still] - half_dist - c) ** 2).sum(1).argmin()]
+        path = self._world(obj + moved, self.obj_origin)
+        to_goal = left - 0.5 * np.linalg.norm(path - tip, axis=1)  # = ||obj_t - goal|| at each step
+        goals = self._world(self.goal_grid, self.goal_origin)
+        misfit = ((np.linalg.norm(path - goals[:, None], axis=-1) - to_goal) ** 2).sum(1)
+        misfit[np.linalg.norm(self.goal_grid - obj, axis=1) <= envs.PUSHER_MIN_GAP] = np.inf
+        best = np.flatnonzero(misfit <= misfit.min() * (1 + 1e-4))
+        goal = self.goal_grid[best[np.linalg.norm(self.goal_grid[best] - self.mean_task[2:], axis=1).argmin()]]
+        return np.concatenate([obj, goal]).astype(np.float32)
+
+
 def noise_histories(expert, name, tasks, task_ids, eps, streams, target, expert_std, seed, wrong_task=0.0,
-                    wrong_near=1):
-    """Roll the expert out with annealed noise on `tasks` (streams copies each) for len(eps) episodes.
+                    wrong_near=1, posterior=False):
+    """Roll the expert out with annealed noise on `tasks` (streams copies each) for len(eps) episodes; with
+    `posterior`, the expert is shown each stream's PusherPosterior guess instead of the true task.
     Returns one dict of history arrays per task, as envs.save_history takes them."""
     vec = envs.MultiTaskVecEnv(name, tasks, streams, seed=seed, task_ids=task_ids)
     # per task: independent of chunking
     rngs = [np.random.default_rng([seed, i, 0x0E5]) for i in task_ids]
     task_rngs = [np.random.default_rng([seed, i, 0x7A5]) for i in task_ids]
     true = np.repeat(tasks[:, None], streams, 1)
+    searchers = [[PusherPosterior() for _ in range(streams)] for _ in tasks] if posterior else None
     T, E, H, A = len(tasks), streams, vec.horizon, vec.act_dim
     arrays = {"obs": np.zeros((T, E, len(eps), H, vec.obs_dim), np.float32), "rew": np.zeros((T, E, len(eps), H), np.float32),
               **{key: np.zeros((T, E, len(eps), H, A), np.float32) for key in ("act", "act_mean", "act_std")}}
     for e, epsilon in enumerate(eps):
         obs = vec.reset()
-        shown = shown_tasks(name, tasks, streams, epsilon, wrong_task, task_rngs, wrong_near)
+        shown = (np.array([[searcher.guess() for searcher in row] for row in searchers]) if posterior else
+                 shown_tasks(name, tasks, streams, epsilon, wrong_task, task_rngs, wrong_near))
         told_truth = (shown == true).all()
         for t in range(H):
             # one call per task: a matmul's rounding depends on its row count, and a task's history must
@@ -101,11 +169,16 @@ def noise_histories(expert, name, tasks, task_ids, eps, streams, target, expert_
             act = (1 - epsilon) * guided + epsilon * u  # a convex mix of two actions in [-1, 1]: no clip needed
             if target == "expert":
                 mean, std = best, expert_std
+            elif target == "shown":
+                mean, std = guided, expert_std
             else:
                 mean, std = (1 - epsilon) * guided, max(epsilon * sac.UNIFORM_STD, expert_std)
             for key, value in (("obs", obs), ("act", act), ("act_mean", mean), ("act_std", std)):
                 arrays[key][:, :, e, t] = value
             obs, arrays["rew"][:, :, e, t], _ = vec.step(act)
+            for i, (row, env_row) in enumerate(zip(searchers or (), vec.envs)):
+                for j, (searcher, env) in enumerate(zip(row, env_row)):
+                    searcher.record(obs[i, j], arrays["rew"][i, j, e, t], env.ctrl(act[i, j]), env.cylinder_moved())
     return [{key: value[i] for key, value in arrays.items()} for i in range(T)]
 
 
@@ -127,31 +200,32 @@ def check_settings(out, settings):
 
 def run(args):
     expert = experts.load_expert(args.expert, env=args.env)
-    eps = epsilon_schedule(args.episodes, args.clean, args.power)
+    eps = epsilon_schedule(args.episodes, args.clean, args.power, args.eps_start)
     horizon = envs.env_settings(args.env).horizon
     steps = args.streams * args.episodes * horizon
     envs.prepare_out_dir(args.out)
     settings = {"env": args.env, "expert": args.expert, "target": args.target, "tasks": args.tasks,
                 "streams": args.streams, "episodes": args.episodes, "clean": args.clean, "power": args.power,
+                "eps_start": args.eps_start,
                 "expert_std": args.expert_std, "wrong_task": args.wrong_task,
-                "wrong_near": args.wrong_near, "seed": args.seed, "eps": eps.round(4).tolist()}
+                "wrong_near": args.wrong_near, "shown": args.shown, "split": args.split, "seed": args.seed, "eps": eps.round(4).tolist()}
     check_settings(args.out, settings)
-    tasks = envs.sample_tasks(args.env, args.tasks, "train", seed=args.seed)
+    tasks = envs.sample_tasks(args.env, args.tasks, args.split, seed=args.seed)
     todo = envs.pending_tasks(args.out, tasks, env=args.env, algo="noise", seed=args.seed, steps=steps)
     print(f"noise histories on {args.env}: {args.tasks} tasks x {args.streams} streams x {args.episodes} episodes "
-          f"(eps 1 -> 0 over {int((eps > 0).sum())}), target {args.target}, {len(todo)} to do -> {args.out}")
+          f"(eps {eps[0]:g} -> 0 over {int((eps > 0).sum())}), shown the {args.shown} task, target {args.target}, {len(todo)} to do -> {args.out}")
     t0 = time.perf_counter()
     for start in tqdm(range(0, len(todo), args.parallel), desc="tasks", unit="chunk", disable=not todo):
         chunk = todo[start:start + args.parallel]
         histories = noise_histories(expert, args.env, tasks[chunk], chunk, eps, args.streams, args.target,
-                                    args.expert_std, args.seed, args.wrong_task, args.wrong_near)
+                                    args.expert_std, args.seed, args.wrong_task, args.wrong_near,
+                                    posterior=args.shown == "posterior")
         for i, history in zip(chunk, histories):
             envs.save_history(envs.history_path(args.out, i), **history, task=tasks[i], env=args.env,
                               algo="noise", seed=args.seed, steps=steps)
     returns = np.stack([envs.load_history(envs.history_path(args.out, i))["rew"].sum(-1).mean(0)
                         for i in range(args.tasks)]).mean(0)
-    print(f"{time.perf_counter() - t0:.0f} s; mean return of the first episode {returns[0]:.2f}, "
-          f"of the last (noise-free) {returns[-1]:.2f}")
+    print(f"{time.perf_counter() - t0:.0f} s; mean return per episode: {' '.join(f'{r:.2f}' for r in returns)}")
 
 
 def build_parser():
@@ -159,19 +233,27 @@ def build_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--env", default="reacher_goal", choices=list(envs.ENVS), help="meta-RL task family")
     p.add_argument("--expert", default=None, help="expert.py's output; None: checkpoints/experts/ENV")
-    p.add_argument("--target", default="expert", choices=("expert", "behaviour"),
-                   help="what AD is trained to output: the expert's action (relabelled) or the behaviour's")
+    p.add_argument("--target", default="expert", choices=("expert", "behaviour", "shown"),
+                   help="what AD is trained to output: the expert's action (relabelled), the behaviour's, or "
+                        "the noise-free action of the expert as shown (with --shown posterior: the searcher's)")
     p.add_argument("--tasks", type=envs.positive_int, default=None, help="training tasks; None: ENVS[env]'s")
     p.add_argument("--streams", type=envs.positive_int, default=5, help="histories per task")
     p.add_argument("--episodes", type=envs.positive_int, default=40, help="episodes per history")
-    p.add_argument("--clean", type=float, default=0.2, help="share of noise-free episodes at the end")
-    p.add_argument("--power", type=float, default=1.5, help="eps_e = (1 - e / n_noisy) ** power")
+    p.add_argument("--clean", type=float, default=0.2, help="share of noise-free episodes at the end (1: all)")
+    p.add_argument("--power", type=float, default=1.5, help="eps_e = start (1 - e / n_noisy) ** power")
+    p.add_argument("--eps-start", type=float, default=1.0, help="eps of the first episode, the schedule's start")
     p.add_argument("--expert-std", type=float, default=0.05,
                    help="std of the relabelled target (and the floor of the behaviour's)")
     p.add_argument("--wrong-task", type=float, default=0.0,
                    help="probability that the expert is shown a random task in a noisy episode (0: AD-eps as published)")
     p.add_argument("--wrong-near", type=envs.positive_int, default=1,
                    help="a wrong task is the nearest to the true one of k draws, k uniform in 1..K (1: any draw)")
+    p.add_argument("--shown", default="true", choices=("true", "posterior"),
+                   help="the task the expert is shown: the true one, or (pusher_goal) PusherPosterior's guess "
+                        "from the stream's earlier episodes")
+    p.add_argument("--split", default="train", choices=("train", "test"),
+                   help="whose tasks: training, or evaluate.py's test tasks (with its --seed: the demonstrator's "
+                        "own curve there, to set beside a model's)")
     p.add_argument("--parallel", type=envs.positive_int, default=10, help="tasks rolled out (and written) together")
     p.add_argument("--seed", type=int, default=0, help="seeds the training tasks, envs and noise")
     p.add_argument("--threads", type=envs.positive_int, default=1, help="torch CPU threads (the expert is tiny)")
@@ -181,12 +263,17 @@ def build_parser():
 
 def parse_args(argv=None):
     args = build_parser().parse_args(argv)
-    if not 0 <= args.clean < 1:
-        sys.exit(f"error: --clean {args.clean} must be in [0, 1)")
+    if not 0 <= args.clean <= 1:
+        sys.exit(f"error: --clean {args.clean} must be in [0, 1]")
+    if not 0 < args.eps_start <= 1:
+        sys.exit(f"error: --eps-start {args.eps_start} must be in (0, 1]")
     if not 0 <= args.wrong_task <= 1:
         sys.exit(f"error: --wrong-task {args.wrong_task} must be in [0, 1]")
     if args.wrong_near > 1 and args.wrong_task == 0:
         sys.exit(f"error: --wrong-near {args.wrong_near} needs wrong-task episodes: set --wrong-task above 0")
+    if args.shown == "posterior" and (args.env != "pusher_goal" or args.wrong_task > 0):
+        sys.exit("error: --shown posterior is pusher_goal's searcher and takes no --wrong-task: "
+                 "use --env pusher_goal --wrong-task 0")
     if args.expert_std <= 0:
         sys.exit(f"error: --expert-std {args.expert_std} must be positive")
     args.tasks = args.tasks or envs.env_settings(args.env).train_tasks

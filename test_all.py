@@ -2085,7 +2085,7 @@ def test_expert_resume_refuses_other_settings_and_a_silent_restart(tmp_path, mon
     assert "--n-envs" in error_of("--resume", "--n-envs", "2")
 
 
-@pytest.mark.parametrize("n, clean, noisy", [(10, 0.2, 8), (40, 0.2, 32), (5, 0.0, 4), (1, 0.2, 0)])
+@pytest.mark.parametrize("n, clean, noisy", [(10, 0.2, 8), (40, 0.2, 32), (5, 0.0, 4), (1, 0.2, 0), (10, 1.0, 0)])
 def test_epsilon_schedule_starts_at_one_and_ends_at_zero(n, clean, noisy):
     eps = noise.epsilon_schedule(n, clean=clean, power=1.5)
     assert len(eps) == n and eps[-1] == 0 and (eps[noisy:] == 0).all()
@@ -2183,10 +2183,57 @@ def test_near_miss_wrong_tasks_sit_closer_to_the_true_task():
         noise.parse_args(["--wrong-near", "4"])
 
 
+def test_pusher_posterior_finds_the_task_from_rewards_alone(tmp_path):
+    """The searcher's guess comes from the rewards: one episode of the expert shown the mean task puts its
+    guess of the cylinder's start within 2 cm of the truth; the same tip path scored by another task's
+    rewards moves the guess to that task; it never guesses a goal the prior rules out. Its histories
+    (--eps-start 0.3 --target shown) mix its clean action, the target, with that much noise; and --shown
+    posterior is refused where it does not apply."""
+    model = experts.load_expert(os.path.join("checkpoints", "experts", "pusher_goal"), env="pusher_goal")
+    tasks = envs.sample_tasks("pusher_goal", 2, "test", seed=0)
+    env, other = (envs.make_env("pusher_goal", task, seed=0) for task in tasks)
+    searcher, fooled = noise.PusherPosterior(), noise.PusherPosterior()
+    np.testing.assert_allclose(searcher.guess(), experts.mean_task("pusher_goal"), atol=1e-6)
+    obs, _ = env.reset()
+    other.reset()
+    for _ in range(env.horizon):
+        act = model(obs, env.expert_view(noise.PusherPosterior.mean_task)).numpy()
+        obs, reward, *_ = env.step(act)
+        qpos = env.data.qpos.copy()                                       # the same arm, another task's rewards
+        qpos[-4:] = tasks[1][[1, 0, 3, 2]]
+        other.set_state(qpos, env.data.qvel.copy())
+        searcher.record(obs, reward, env.ctrl(act), env.cylinder_moved())
+        if np.allclose(env.cylinder_moved(), 0):
+            fooled.record(obs, other._reward(env.ctrl(act), None), env.ctrl(act), np.zeros(2))
+    for guesser, task in ((searcher, tasks[0]), (fooled, tasks[1])):
+        guess = guesser.guess()
+        assert np.linalg.norm(guess[:2] - task[:2]) < 0.02, (guess, task)
+        assert np.linalg.norm(guess[2:] - guess[:2]) > envs.PUSHER_MIN_GAP
+    out = str(tmp_path / "post")                                         # the histories: the searcher's own
+    noise.main(["--env", "pusher_goal", "--tasks", "1", "--streams", "1", "--episodes", "2", "--clean", "0",
+                "--shown", "posterior", "--eps-start", "0.3", "--target", "shown", "--out", out])
+    h = envs.load_history(envs.history_path(out, 0))
+    assert json.load(open(os.path.join(out, "noise.json")))["eps"] == pytest.approx([0.3, 0.0])  # the last: clean
+    u = (h["act"][0, 0] - 0.7 * h["act_mean"][0, 0]) / 0.3                # the target is its clean action
+    assert np.abs(u).max() <= 1 + 1e-4 and np.abs(u).max() > 0.9
+    told_truth = model(h["obs"][0, 0, :5], np.broadcast_to(h["task"], (5, 4)).copy()).numpy()
+    assert np.abs(h["act_mean"][0, 0, :5] - told_truth).max() > 0.1      # shown the mean task, not the truth
+    for bad in (["--env", "reacher_goal", "--shown", "posterior"],
+                ["--env", "pusher_goal", "--shown", "posterior", "--wrong-task", "0.5"]):
+        with pytest.raises(SystemExit, match="--shown posterior is pusher_goal's searcher"):
+            noise.parse_args(bad)
+    with pytest.raises(SystemExit, match="--eps-start 0.0 must be in"):
+        noise.parse_args(["--eps-start", "0"])
+
+
 def test_ad_on_noise_histories_is_scored_against_the_expert(tmp_path):
-    """ad.py trains on noise.py's files and keeps noise.json; evaluate.py's 1 is then the expert's own
-    return on the same test tasks, and it reports the expert told the mean task and the blind control."""
+    """ad.py trains on noise.py's files and keeps noise.json, and refuses those of the test tasks; evaluate.py's
+    1 is then the expert's own return on the same test tasks, and it reports the expert told the mean task
+    and the blind control."""
     expert_dir = _saved_expert(tmp_path / "expert")
+    _noise(tmp_path, expert_dir, tmp_path / "test_data", "--split", "test")
+    with pytest.raises(ad.DataError, match="noise histories of the test tasks"):
+        ad.prepare(_ad_args(tmp_path, tmp_path / "test_data"))
     _noise(tmp_path, expert_dir, tmp_path / "data")
     ad.train(_ad_args(tmp_path, tmp_path / "data", "--epochs", "2"))
     _, ckpt = ad.load_checkpoint(str(tmp_path / "run"))
