@@ -42,7 +42,7 @@ written --parallel at a time and a killed run resumes from the tasks not yet wri
     python noise.py --env point_goal --target behaviour --tasks 20 --episodes 40
     python noise.py --env half_cheetah_vel --wrong-task 0.5 --out data/half_cheetah_vel/noise_wrong
     python noise.py --env half_cheetah_vel --wrong-task 0.5 --wrong-near 8 --out data/half_cheetah_vel/noise_near
-    python noise.py --env pusher_goal --shown posterior --eps-start 0.3 --target shown --out data/pusher_goal/noise_post
+    python noise.py --env pusher_goal --shown posterior --eps-start 0.3 --target shown --out data/pusher_goal/post
     python ad.py --env half_cheetah_vel --data data/half_cheetah_vel/noise_expert --k 1
 """
 import argparse
@@ -102,9 +102,12 @@ class PusherPosterior:
             env = envs.make_env("pusher_goal", np.zeros(4))
             cls.obj_origin, cls.goal_origin = env.get_body_com("object").copy(), env.get_body_com("goal").copy()
             cls.mean_task = experts.mean_task("pusher_goal")
-            cls.obj_grid, cls.goal_grid = (np.stack(np.meshgrid(*(np.arange(lo, hi + 1e-9, cls.GRID) for lo, hi in box),
-                                                                indexing="ij"), -1).reshape(-1, 2)
-                                           for box in (envs.PUSHER_OBJ_BOX, envs.PUSHER_GOAL_BOX))
+            cls.obj_grid, cls.goal_grid = cls._grid(envs.PUSHER_OBJ_BOX), cls._grid(envs.PUSHER_GOAL_BOX)
+
+    @classmethod
+    def _grid(cls, box):  # every point of an (x, y) box, GRID apart, [n, 2]
+        axes = (np.arange(lo, hi + 1e-9, cls.GRID) for lo, hi in box)
+        return np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 2)
 
     def __init__(self):
         self._geometry()
@@ -127,7 +130,8 @@ class PusherPosterior:
         still = np.linalg.norm(moved, axis=1) < 1e-3
         obj = self.mean_task[:2]
         if still.sum() >= 3:  # three unknowns: the start's x, y and c
-            half_dist = 0.5 * np.linalg.norm(self._world(self.obj_grid, self.obj_origin)[:, None] - tip[still], axis=-1)
+            starts = self._world(self.obj_grid, self.obj_origin)
+            half_dist = 0.5 * np.linalg.norm(starts[:, None] - tip[still], axis=-1)  # [grid, still steps]
             c = (left[still] - half_dist).mean(1, keepdims=True)
             obj = self.obj_grid[((left[still] - half_dist - c) ** 2).sum(1).argmin()]
         path = self._world(obj + moved, self.obj_origin)
@@ -178,7 +182,8 @@ def noise_histories(expert, name, tasks, task_ids, eps, streams, target, expert_
             obs, arrays["rew"][:, :, e, t], _ = vec.step(act)
             for i, (row, env_row) in enumerate(zip(searchers or (), vec.envs)):
                 for j, (searcher, env) in enumerate(zip(row, env_row)):
-                    searcher.record(obs[i, j], arrays["rew"][i, j, e, t], env.ctrl(act[i, j]), env.cylinder_moved())
+                    reward = arrays["rew"][i, j, e, t]
+                    searcher.record(obs[i, j], reward, env.ctrl(act[i, j]), env.cylinder_moved())
     return [{key: value[i] for key, value in arrays.items()} for i in range(T)]
 
 
@@ -206,14 +211,15 @@ def run(args):
     envs.prepare_out_dir(args.out)
     settings = {"env": args.env, "expert": args.expert, "target": args.target, "tasks": args.tasks,
                 "streams": args.streams, "episodes": args.episodes, "clean": args.clean, "power": args.power,
-                "eps_start": args.eps_start,
-                "expert_std": args.expert_std, "wrong_task": args.wrong_task,
-                "wrong_near": args.wrong_near, "shown": args.shown, "split": args.split, "seed": args.seed, "eps": eps.round(4).tolist()}
+                "eps_start": args.eps_start, "expert_std": args.expert_std, "wrong_task": args.wrong_task,
+                "wrong_near": args.wrong_near, "shown": args.shown, "split": args.split, "seed": args.seed,
+                "eps": eps.round(4).tolist()}
     check_settings(args.out, settings)
     tasks = envs.sample_tasks(args.env, args.tasks, args.split, seed=args.seed)
     todo = envs.pending_tasks(args.out, tasks, env=args.env, algo="noise", seed=args.seed, steps=steps)
     print(f"noise histories on {args.env}: {args.tasks} tasks x {args.streams} streams x {args.episodes} episodes "
-          f"(eps {eps[0]:g} -> 0 over {int((eps > 0).sum())}), shown the {args.shown} task, target {args.target}, {len(todo)} to do -> {args.out}")
+          f"(eps {eps[0]:g} -> 0 over {int((eps > 0).sum())}), shown the {args.shown} task, target {args.target}, "
+          f"{len(todo)} to do -> {args.out}")
     t0 = time.perf_counter()
     for start in tqdm(range(0, len(todo), args.parallel), desc="tasks", unit="chunk", disable=not todo):
         chunk = todo[start:start + args.parallel]
@@ -257,7 +263,7 @@ def build_parser():
     p.add_argument("--parallel", type=envs.positive_int, default=10, help="tasks rolled out (and written) together")
     p.add_argument("--seed", type=int, default=0, help="seeds the training tasks, envs and noise")
     p.add_argument("--threads", type=envs.positive_int, default=1, help="torch CPU threads (the expert is tiny)")
-    p.add_argument("--out", default=None, help="None: data/ENV/noise_TARGET")
+    p.add_argument("--out", default=None, help="None: data/ENV/noise_TARGET (_test with --split test)")
     return p
 
 
@@ -278,7 +284,8 @@ def parse_args(argv=None):
         sys.exit(f"error: --expert-std {args.expert_std} must be positive")
     args.tasks = args.tasks or envs.env_settings(args.env).train_tasks
     args.expert = args.expert or os.path.join("checkpoints", "experts", args.env)
-    args.out = args.out or os.path.join("data", args.env, f"noise_{args.target}")
+    suffix = "_test" if args.split == "test" else ""
+    args.out = args.out or os.path.join("data", args.env, f"noise_{args.target}{suffix}")
     return args
 
 
