@@ -77,15 +77,16 @@ def load_histories(data_dir, env, k, offsets=1):
         first = h if first is None else first
         if h["env"] != env:
             raise DataError(f"{f} holds {h['env']} histories, not {env}: pass --env {h['env']} or another --data")
-        if h["obs"].shape != first["obs"].shape or h["algo"] != first["algo"]:
+        if h["obs"].shape != first["obs"].shape or h["algo"] != first["algo"] or h["split"] != first["split"]:
             raise DataError(f"{f} does not match {files[0]} (shape {h['obs'].shape} vs {first['obs'].shape}, "
-                            f"algo {h['algo']} vs {first['algo']}): one data directory per run")
+                            f"algo {h['algo']} vs {first['algo']}, split {h['split']} vs {first['split']}): "
+                            f"one data directory per run")
         h.setdefault("act_mean", h["act"])
         h.setdefault("act_std", np.zeros_like(h["act"]))
         kept.append(downsample(h, k, offsets))
         returns.append(h["rew"].sum(-1))
     data = {key: np.stack([h[key] for h in kept]) for key in kept[0]}
-    data.update(returns=np.stack(returns), algo=first["algo"])
+    data.update(returns=np.stack(returns), algo=first["algo"], split=first["split"])
     return data
 
 
@@ -446,6 +447,8 @@ def prepare(args):
     settings = envs.env_settings(args.env)
     data_dir = args.data or os.path.join("data", args.env, settings.algo)
     data = load_histories(data_dir, args.env, args.k, args.offsets)
+    if data["split"] != "train":  # evaluate.py would score the model on the very tasks it learnt
+        raise DataError(f"{data_dir} holds histories of the {data['split']} tasks: AD trains on --split train")
     n_tasks = data["obs"].shape[0]
     n_holdout = min(n_tasks - 1, max(1, round(args.holdout * n_tasks))) if args.holdout > 0 else 0
     n_train = n_tasks - n_holdout
@@ -480,9 +483,6 @@ def prepare(args):
     if os.path.isfile(noise_settings):  # noise.py's histories: evaluate.py scores against their expert
         with open(noise_settings) as f:
             meta["noise"] = json.load(f)
-        if meta["noise"].get("split", "train") != "train":  # evaluate.py would score it on the tasks it learnt
-            raise DataError(f"{data_dir} holds noise histories of the {meta['noise']['split']} tasks: "
-                            f"train on noise.py's --split train (its default)")
     return train, held, config, meta
 
 

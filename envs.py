@@ -563,14 +563,15 @@ class HistoryError(ValueError):
     """A learning-history file is missing, malformed, truncated or holds NaNs."""
 
 
-def save_history(path, *, obs, act, rew, task, env, algo, seed, steps, act_mean=None, act_std=None):
+def save_history(path, *, obs, act, rew, task, env, algo, seed, steps, act_mean=None, act_std=None, split="train"):
     """Write one task's learning history atomically (temp file + rename: a kill never leaves a
     half-written file under `path`). Arrays: obs [E, n_episodes, H, obs_dim], act (and optional
-    act_mean, act_std) [E, n_episodes, H, act_dim] in [-1, 1], rew [E, n_episodes, H]."""
+    act_mean, act_std) [E, n_episodes, H, act_dim] in [-1, 1], rew [E, n_episodes, H]; `split`: whose
+    task it is (sample_tasks), so that AD never trains on the tasks it is scored on."""
     arrays = dict(obs=obs, act=act, rew=rew, task=task)
     arrays.update({k: v for k, v in (("act_mean", act_mean), ("act_std", act_std)) if v is not None})
     arrays = {k: np.asarray(v, dtype=np.float32) for k, v in arrays.items()}
-    arrays.update(env=np.array(env), algo=np.array(algo), seed=np.array(seed, np.int64),
+    arrays.update(env=np.array(env), algo=np.array(algo), split=np.array(split), seed=np.array(seed, np.int64),
                   steps=np.array(steps, np.int64))
     _check_history(arrays, path)
     write_atomic(path, lambda f: np.savez(f, **arrays))
@@ -614,7 +615,8 @@ def load_history(path):
     except Exception as e:  # zipfile, zlib, EOF and format errors all mean a corrupted file
         raise HistoryError(f"{path}: not a readable .npz history ({type(e).__name__}: {e})") from None
     _check_history(data, path)
-    for k in ("env", "algo"):
+    data.setdefault("split", "train")  # files written before the split was kept: the RL scripts' default
+    for k in ("env", "algo", "split"):
         data[k] = str(data[k])
     for k in ("seed", "steps"):
         data[k] = int(data[k])

@@ -30,8 +30,8 @@ Pusher's histories above never show a search: the expert is told the task, or a 
 and a model trained on them does not learn to find the cylinder. --shown posterior makes the expert a
 searcher instead (PusherPosterior): in each episode it is shown its best guess of the task from the
 stream's earlier rewards, so a history is a search that finds the cylinder, then the goal, from rewards
-alone; --target shown trains AD to act as that searcher, and a little noise (--eps-start below 1) keeps
-the histories' contexts close to the clean ones a model writes itself.
+alone; --target shown trains AD to act as that searcher (with no noise at all, --clean 1, the model's own
+rollouts fell below zero action; --eps-start below 1 keeps a little).
 The files are the RL scripts' format (envs.save_history, algo "noise"), so ad.py reads them as they are.
 The settings, eps per episode and the expert's path go to noise.json beside them: ad.py keeps it in its
 checkpoint, and evaluate.py then scores against the expert's noise-free return on the same test tasks.
@@ -94,7 +94,7 @@ class PusherPosterior:
     (far enough from the cylinder, as the prior demands) whose distance to the cylinder's path explains what
     is left; with no push yet that is a circle, and the point of it nearest the mean goal is the guess.
     Before any step, the guess is the task distribution's mean."""
-    GRID = 0.01  # metres: about the expert's own margin for error when it pushes
+    GRID = 0.01  # metres: the resolution of the guess
 
     @classmethod
     def _geometry(cls):
@@ -228,7 +228,7 @@ def run(args):
                                     posterior=args.shown == "posterior")
         for i, history in zip(chunk, histories):
             envs.save_history(envs.history_path(args.out, i), **history, task=tasks[i], env=args.env,
-                              algo="noise", seed=args.seed, steps=steps)
+                              algo="noise", seed=args.seed, steps=steps, split=args.split)
     returns = np.stack([envs.load_history(envs.history_path(args.out, i))["rew"].sum(-1).mean(0)
                         for i in range(args.tasks)]).mean(0)
     print(f"{time.perf_counter() - t0:.0f} s; mean return per episode: {' '.join(f'{r:.2f}' for r in returns)}")

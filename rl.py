@@ -306,7 +306,7 @@ def run(args, algo, make_agent, learn):
         seconds = time.perf_counter() - t0
         for i, task_index in enumerate(chunk):
             envs.save_history(envs.history_path(out, task_index), **buf.task_arrays(i), task=tasks[task_index],
-                              env=args.env, algo=algo, seed=args.seed, steps=steps)
+                              env=args.env, algo=algo, seed=args.seed, steps=steps, split=args.split)
         print(f"  saved {len(chunk)} histories; {len(chunk) * steps / seconds:.0f} env steps/s in all")
     if world > 1:
         torch.distributed.barrier()

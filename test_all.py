@@ -183,6 +183,20 @@ def test_history_round_trip(tmp_path):
     assert os.stat(path).st_mode & 0o777 == 0o644
 
 
+def test_ad_refuses_histories_of_held_out_tasks(tmp_path):
+    """A history keeps whose task it is (the RL scripts' and noise.py's --split); a file from before that
+    reads as training data, and AD refuses test-task histories: it would be scored on the tasks it learnt."""
+    old, held_out = tmp_path / "old", tmp_path / "held_out"
+    envs.save_history(old / "task_000.npz", **_history())
+    with np.load(old / "task_000.npz") as f:
+        np.savez(old / "task_000.npz", **{k: f[k] for k in f.files if k != "split"})
+    assert envs.load_history(old / "task_000.npz")["split"] == "train"
+    envs.save_history(held_out / "task_000.npz", **_history(), split="test")
+    assert ad.load_histories(str(held_out), "point_goal", k=1)["split"] == "test"  # MACAW adapts on these
+    with pytest.raises(ad.DataError, match="held_out holds histories of the test tasks"):
+        ad.prepare(_ad_args(tmp_path, held_out))
+
+
 def test_history_rejects_bad_files(tmp_path):
     path = str(tmp_path / "task_000.npz")
     envs.save_history(path, **_history())
@@ -2232,7 +2246,7 @@ def test_ad_on_noise_histories_is_scored_against_the_expert(tmp_path):
     and the blind control."""
     expert_dir = _saved_expert(tmp_path / "expert")
     _noise(tmp_path, expert_dir, tmp_path / "test_data", "--split", "test")
-    with pytest.raises(ad.DataError, match="noise histories of the test tasks"):
+    with pytest.raises(ad.DataError, match="histories of the test tasks"):
         ad.prepare(_ad_args(tmp_path, tmp_path / "test_data"))
     _noise(tmp_path, expert_dir, tmp_path / "data")
     ad.train(_ad_args(tmp_path, tmp_path / "data", "--epochs", "2"))
