@@ -119,7 +119,8 @@ class PusherPosterior:
         self.left.append(-(reward + envs.PusherGoal.ctrl_cost(ctrl)))  # = ||obj - goal|| + 0.5 ||obj - tip||
         self.moved.append(moved)
 
-    def _world(self, xy, origin):
+    @staticmethod
+    def _world(xy, origin):  # grid (x, y) offsets -> world positions of a body
         return origin + np.concatenate([xy, np.zeros(xy.shape[:-1] + (1,))], -1)
 
     def guess(self):
