@@ -118,6 +118,15 @@ def dataset_stats(obs, rew):
             "rew_std": torch.tensor(max(rew.std(), 1e-3), dtype=torch.float32)}
 
 
+def reward_input(rew, act, env, kind):
+    """The reward a token carries, numpy rew [...] after actions act [..., act_dim] taken in `env` (any env of
+    the task family): "reward", the env's own, as the paper; "task", its part that the task decides, the
+    reward plus the control cost of the action taken. That cost follows from the model's own action and says
+    nothing of the task, yet a model must subtract it almost exactly to read what is left: on Pusher, with
+    noisy actions, it varies more within an episode than the distances that locate the cylinder."""
+    return rew if kind == "reward" else (rew + env.ctrl_cost_of(act)).astype(np.float32)
+
+
 def standardise_reward(rew, stats):
     return (rew - stats["rew_mean"]) / stats["rew_std"]
 
@@ -326,7 +335,10 @@ def rollout(model, meta, tasks, n_episodes, n_seeds=1, action_mode="mean", seed=
             returns[:, :, episode] += rew
             obs = torch.as_tensor(next_obs, device=device).reshape(n, -1)
             if not blind:
-                prev_rew = standardise_reward(torch.as_tensor(rew, device=device).reshape(n), stats)
+                taken = prev_act.reshape(vec.n_tasks, vec.n_envs, -1).cpu().numpy()
+                kind = meta.get("reward_input", RUN_DEFAULTS["reward_input"])
+                seen = reward_input(rew, taken, vec.envs[0][0], kind)
+                prev_rew = standardise_reward(torch.as_tensor(seen, device=device).reshape(n), stats)
             if record:
                 where[-1].append(vec.trace()[0])
     if not record:
@@ -452,6 +464,7 @@ def prepare(args):
     n_tasks = data["obs"].shape[0]
     n_holdout = min(n_tasks - 1, max(1, round(args.holdout * n_tasks))) if args.holdout > 0 else 0
     n_train = n_tasks - n_holdout
+    data["rew"] = reward_input(data["rew"], data["act"], envs.make_env(args.env), args.reward_input)
     stats = dataset_stats(data["obs"][:n_train], data["rew"][:n_train])
     tokens, targets = build_streams(data, stats, subgoals=args.arch == "hybrid" and args.valuable_subgoals)
     L = tokens.shape[2]
@@ -478,7 +491,8 @@ def prepare(args):
     meta = {"env": args.env, "algo": data["algo"], "data": os.path.abspath(data_dir), "n_tasks": n_tasks,
             "holdout_tasks": n_holdout, "k": args.k, "offsets": args.offsets, "episodes": L // settings.horizon,
             "horizon": settings.horizon, "obs_dim": obs_dim, "act_dim": act_dim, "loss": args.loss,
-            "context": args.context, "stats": stats, "source_curve": curve, "source_final": final}
+            "context": args.context, "reward_input": args.reward_input, "stats": stats, "source_curve": curve,
+            "source_final": final}
     noise_settings = os.path.join(data_dir, "noise.json")
     if os.path.isfile(noise_settings):  # noise.py's histories: evaluate.py scores against their expert
         with open(noise_settings) as f:
@@ -486,8 +500,9 @@ def prepare(args):
     return train, held, config, meta
 
 
-RUN_KEYS = ("env", "algo", "data", "k", "offsets", "loss", "context")  # what --resume must keep
-RUN_DEFAULTS = {"offsets": 1}  # what a checkpoint from before a key existed was trained with
+RUN_KEYS = ("env", "algo", "data", "k", "offsets", "loss", "context", "reward_input")  # what --resume must keep
+# what a checkpoint from before a key existed was trained with
+RUN_DEFAULTS = {"offsets": 1, "reward_input": "reward"}
 
 
 def train(args):
@@ -720,6 +735,9 @@ def build_parser():
     p.add_argument("--warmup-iters", type=envs.positive_int, default=100, help="linear warm-up updates")
     p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay; None: envs.ENVS's")
     p.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip")
+    p.add_argument("--reward-input", default="reward", choices=("reward", "task"),
+                   help="what a token's reward slot holds: the env's reward (the paper) or its task part, the reward "
+                        "without the control cost of the action taken (see reward_input)")
     p.add_argument("--noise", type=float, default=0.05, help="std of the Gaussian noise added to input tokens")
     p.add_argument("--holdout", type=float, default=0.05, help="fraction of training tasks held out for a loss")
     p.add_argument("--eval-every", type=envs.positive_int, default=200, help="updates between validation rollouts")

@@ -97,11 +97,17 @@ class PointGoal(MetaTask, gym.Env):
     def trace(self):
         return self.pos.copy(), self.task.copy()
 
+    def ctrl_cost_of(self, action):
+        """The control cost the reward charges for Box(-1, 1) actions [..., act_dim] -> [...]: the part of the
+        reward that the agent's own action alone decides, the same on every task. point_goal charges none."""
+        return np.zeros(np.shape(action)[:-1], np.float32)
+
 
 class MujocoMetaTask(MetaTask):
     """Shared MuJoCo plumbing: Box(-1, 1) actions rescaled to the actuators' range, float32 obs,
     info["task"] at reset. Subclasses define `_reward` and, where the base env's observation shows
     the task, `_get_obs` and `reset_model`."""
+    ctrl_cost_weight: float  # the reward's control cost is ctrl_cost_weight * ||ctrl||^2
 
     def _finish_init(self, task, default):
         self._init_task(task, default)
@@ -119,6 +125,13 @@ class MujocoMetaTask(MetaTask):
     def ctrl(self, action):
         """The actuator controls a Box(-1, 1) action becomes (what the reward's control cost sees)."""
         return self._act_center + self._act_scale * np.clip(action, -1.0, 1.0)
+
+    @classmethod
+    def ctrl_cost(cls, ctrl):
+        return cls.ctrl_cost_weight * np.square(ctrl).sum(-1)
+
+    def ctrl_cost_of(self, action):
+        return self.ctrl_cost(self.ctrl(action)).astype(np.float32)
 
     def step(self, action):
         ctrl = self.ctrl(action)
@@ -138,6 +151,7 @@ class ReacherGoal(MujocoMetaTask, ReacherEnv):
     horizon = 50
     trace_kind = "path"
     _main_body_name = "fingertip"
+    ctrl_cost_weight = 1.0
 
     def __init__(self, task=None, **kwargs):
         ReacherEnv.__init__(self, **kwargs)
@@ -158,7 +172,7 @@ class ReacherGoal(MujocoMetaTask, ReacherEnv):
 
     def _reward(self, ctrl, xy_velocity):
         dist = np.linalg.norm(self.get_body_com("fingertip")[:2] - self.get_body_com("target")[:2])
-        return -dist - np.square(ctrl).sum()
+        return -dist - self.ctrl_cost(ctrl)
 
     def trace(self):  # the fingertip and the target
         return self.get_body_com("fingertip")[:2].copy(), self.get_body_com("target")[:2].copy()
@@ -172,6 +186,7 @@ class PusherGoal(MujocoMetaTask, PusherEnv):
     horizon = 100
     trace_kind = "path"
     _main_body_name = "tips_arm"
+    ctrl_cost_weight = 0.1
 
     def __init__(self, task=None, **kwargs):
         PusherEnv.__init__(self, **kwargs)
@@ -192,10 +207,6 @@ class PusherGoal(MujocoMetaTask, PusherEnv):
     def _reward(self, ctrl, xy_velocity):
         obj, tip, goal = (self.get_body_com(b) for b in ("object", "tips_arm", "goal"))
         return -np.linalg.norm(obj - goal) - 0.5 * np.linalg.norm(obj - tip) - self.ctrl_cost(ctrl)
-
-    @staticmethod
-    def ctrl_cost(ctrl):
-        return 0.1 * np.square(ctrl).sum(-1)
 
     def cylinder_moved(self):
         """How far the cylinder has been pushed since the reset, (dx, dy)."""
@@ -218,13 +229,14 @@ class HalfCheetahVel(MujocoMetaTask, HalfCheetahEnv):
     horizon = 200
     trace_kind = "speed"
     _main_body_name = "torso"
+    ctrl_cost_weight = 0.05
 
     def __init__(self, task=None, **kwargs):
         HalfCheetahEnv.__init__(self, **kwargs)
         self._finish_init(task, default=(1.0,))
 
     def _reward(self, ctrl, xy_velocity):
-        return -abs(xy_velocity[0] - self.task[0]) - 0.05 * np.square(ctrl).sum()
+        return -abs(xy_velocity[0] - self.task[0]) - self.ctrl_cost(ctrl)
 
     def trace(self):  # the forward velocity at the end of the step (the reward scores the step's mean)
         return self.data.qvel[:1].copy(), self.task.copy()
@@ -237,6 +249,7 @@ class AntDir(MujocoMetaTask, AntEnv):
     horizon = 200
     trace_kind = "direction"
     _main_body_name = "torso"
+    ctrl_cost_weight = 0.5  # Ant-v5's
 
     def __init__(self, task=None, **kwargs):
         kwargs = {"include_cfrc_ext_in_observation": False, "terminate_when_unhealthy": False, **kwargs}
@@ -245,7 +258,7 @@ class AntDir(MujocoMetaTask, AntEnv):
 
     def _reward(self, ctrl, xy_velocity):
         return (xy_velocity @ self.task + self.healthy_reward
-                - self.control_cost(ctrl) - self.contact_cost)
+                - self.ctrl_cost(ctrl) - self.contact_cost)
 
     def trace(self):  # the torso on the ground plane and the direction to run in
         return self.get_body_com("torso")[:2].copy(), self.task.copy()

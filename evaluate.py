@@ -213,7 +213,7 @@ def evaluate(directory, args):
             "train_seed": ckpt["args"]["seed"], "best_at_update": ckpt["iter"],
             "total_updates": ckpt.get("total_updates"), "algo": meta["algo"],
             "k": meta["k"], "context": meta["context"], "stream_tokens": meta["episodes"] * meta["horizon"],
-            "rollout_window": window,
+            "rollout_window": window, "reward_input": meta.get("reward_input", ad.RUN_DEFAULTS["reward_input"]),
             "loss": meta["loss"], "action_mode": args.action_mode,
             "budget": training_budget(ckpt, final), "final_weights": final,
             "selection": "final weights (last.pt)" if final else
@@ -266,8 +266,9 @@ def label(result):
         context += ", rolled out unbounded"
     ablation = ", no valuable sub-goals" if config.get("valuable_subgoals") is False else ""  # DM-H's ablation
     weights = ", final weights" if result.get("final_weights") else ""
+    reward = ", reads the reward less its control cost" if result.get("reward_input") == "task" else ""
     return (f"AD-{result['arch']} {config['d_model']}x{config['n_layer']} ({result['params'] / 1e3:.0f}k params)"
-            f"{ablation}, context {context}{weights}")
+            f"{ablation}, context {context}{reward}{weights}")
 
 
 def group_runs(results):

@@ -1070,32 +1070,73 @@ class _ScriptedModel:
         return self.outputs[t], t + 1
 
 
-def test_rollout_feeds_the_model_the_training_tokens():
+@pytest.mark.parametrize("env, reward_input", [("point_goal", "reward"), ("reacher_goal", "task")])
+def test_rollout_feeds_the_model_the_training_tokens(env, reward_input):
     """The tokens a rollout builds step by step are the tokens training builds from the same trajectory
-    stored as a history (ad.build_streams): standardised observations and rewards, the previous executed
-    action and reward carried across episode boundaries, first-step flags, zeros before the first step."""
-    tasks, n_seeds, n_episodes, H = envs.sample_tasks("point_goal", 2, "test"), 2, 3, 20
-    outputs = 3 * torch.rand(n_episodes * H, 2 * n_seeds, 2, generator=torch.Generator().manual_seed(0)) - 1.5
-    stats = {"obs_mean": torch.tensor([0.1, -0.2]), "obs_std": torch.tensor([2.0, 0.5]),
+    stored as a history (ad.prepare's reward_input, then ad.build_streams): standardised observations and
+    rewards (with --reward-input task, the reward less its control cost), the previous executed action and
+    reward carried across episode boundaries, first-step flags, zeros before the first step."""
+    tasks, n_seeds, n_episodes, H = envs.sample_tasks(env, 2, "test"), 2, 3, envs.ENVS[env].horizon
+    vec = envs.MultiTaskVecEnv(env, tasks, n_seeds, seed=0)                   # the same envs, replayed
+    obs_dim, act_dim = vec.obs_dim, vec.act_dim
+    outputs = 3 * torch.rand(n_episodes * H, 2 * n_seeds, act_dim, generator=torch.Generator().manual_seed(0)) - 1.5
+    stats = {"obs_mean": torch.linspace(-0.2, 0.1, obs_dim), "obs_std": torch.linspace(0.5, 2.0, obs_dim),
              "rew_mean": torch.tensor(-0.7), "rew_std": torch.tensor(0.3)}
-    meta = {"env": "point_goal", "loss": "mse", "stats": stats}
+    meta = {"env": env, "loss": "mse", "stats": stats, "reward_input": reward_input}
     model = _ScriptedModel(outputs)
     returns = ad.rollout(model, meta, tasks, n_episodes, n_seeds=n_seeds, action_mode="sample", seed=0)
 
-    executed = outputs.clamp(-1, 1).view(n_episodes, H, 2, n_seeds, 2)        # [episode, step, task, seed, act]
-    vec = envs.MultiTaskVecEnv("point_goal", tasks, n_seeds, seed=0)          # the same envs, replayed
-    history = {key: np.zeros((2, n_seeds, n_episodes, H, 2), np.float32) for key in ("obs", "act")}
-    history["rew"] = np.zeros((2, n_seeds, n_episodes, H), np.float32)
+    executed = outputs.clamp(-1, 1).view(n_episodes, H, 2, n_seeds, act_dim)  # [episode, step, task, seed, act]
+    history = {"obs": np.zeros((2, n_seeds, n_episodes, H, obs_dim), np.float32),
+               "act": np.zeros((2, n_seeds, n_episodes, H, act_dim), np.float32),
+               "rew": np.zeros((2, n_seeds, n_episodes, H), np.float32)}
     for e in range(n_episodes):
         obs = vec.reset()
         for t in range(H):
             history["obs"][:, :, e, t], history["act"][:, :, e, t] = obs, executed[e, t].numpy()
             obs, history["rew"][:, :, e, t], _ = vec.step(executed[e, t].numpy())
     np.testing.assert_allclose(returns, history["rew"].sum(-1), rtol=1e-6)
-    history.update(act_mean=history["act"], act_std=np.zeros_like(history["act"]))
+    history.update(act_mean=history["act"], act_std=np.zeros_like(history["act"]),
+                   rew=ad.reward_input(history["rew"], history["act"], envs.make_env(env), reward_input))
     trained_on, _ = ad.build_streams(history, stats)                           # [task, seed, step, d_in]
     rolled_out = torch.stack(model.tokens, 1).view(2, n_seeds, n_episodes * H, -1)
     torch.testing.assert_close(rolled_out, trained_on, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("env", ["reacher_goal", "pusher_goal", "half_cheetah_vel", "ant_dir"])
+def test_ctrl_cost_of_is_what_the_reward_charges_for_the_action(env):
+    """ctrl_cost_of(a) is exactly the reward's control-cost term (the reward less it is the task part that
+    --reward-input task feeds the model), for actions the actuators clip too; point_goal charges none."""
+    e = envs.make_env(env, seed=0)
+    e.step(e.action_space.sample())                                            # a state with some velocity
+    actions = np.random.default_rng(0).uniform(-1.5, 1.5, (4, e.action_space.shape[0]))
+    charged = [e._reward(e.ctrl(np.zeros_like(a)), np.array([0.3, -0.2])) - e._reward(e.ctrl(a), np.array([0.3, -0.2]))
+               for a in actions]
+    np.testing.assert_allclose(e.ctrl_cost_of(actions), charged, rtol=1e-5, atol=1e-6)
+    assert (e.ctrl_cost_of(actions) > 0).all()
+    np.testing.assert_array_equal(envs.make_env("point_goal").ctrl_cost_of(actions), np.zeros(4))
+
+
+def test_reward_input_task_trains_and_resumes_on_the_reward_less_its_control_cost(tmp_path):
+    """--reward-input task: the training tokens' reward slot is the standardised reward plus the control cost
+    of the action taken, the checkpoint keeps the setting for evaluate.py, and --resume refuses another."""
+    _write_point_histories(tmp_path / "data", env="reacher_goal", n_ep=2)
+    argv = ["--env", "reacher_goal", "--k", "1", "--epochs", "1", "--eval-every", "1000"]
+    (train_set, _, _, meta), (plain_set, _, _, plain_meta) = (
+        ad.prepare(ad.parse_args(_ad_argv(tmp_path, tmp_path / "data", *argv, "--reward-input", kind)))
+        for kind in ("task", "reward"))
+    data = ad.load_histories(str(tmp_path / "data"), "reacher_goal", 1)
+    n_train = data["rew"].shape[0] - meta["holdout_tasks"]
+    env, act, rew = envs.make_env("reacher_goal"), data["act"][:n_train], data["rew"][:n_train]
+    task_part = torch.as_tensor(rew + env.ctrl_cost_of(act)).flatten(0, 1).flatten(-2)
+    seen = train_set[0][:, 1:, -2] * meta["stats"]["rew_std"] + meta["stats"]["rew_mean"]
+    torch.testing.assert_close(seen, task_part[:, :-1], rtol=1e-5, atol=1e-5)
+    assert meta["reward_input"] == "task" and plain_meta["reward_input"] == "reward"
+    assert not torch.allclose(train_set[0][..., -2], plain_set[0][..., -2])
+    ad.train(ad.parse_args(_ad_argv(tmp_path, tmp_path / "data", *argv, "--reward-input", "task")))
+    assert ad.load_checkpoint(str(tmp_path / "run"))[1]["meta"]["reward_input"] == "task"
+    with pytest.raises(ad.DataError, match="reward_input='task'"):
+        ad.train(ad.parse_args(_ad_argv(tmp_path, tmp_path / "data", *argv, "--epochs", "2", "--resume")))
 
 
 def test_ad_checkpoint_resume_and_evaluation(tmp_path, monkeypatch):
