@@ -97,9 +97,7 @@ class PointGoal(MetaTask, gym.Env):
     def trace(self):
         return self.pos.copy(), self.task.copy()
 
-    def ctrl_cost_of(self, action):
-        """The control cost the reward charges for Box(-1, 1) actions [..., act_dim] -> [...]: the part of the
-        reward that the agent's own action alone decides, the same on every task. point_goal charges none."""
+    def ctrl_cost_of(self, action):  # as MujocoMetaTask's: point_goal's reward charges no control cost
         return np.zeros(np.shape(action)[:-1], np.float32)
 
 
@@ -131,6 +129,8 @@ class MujocoMetaTask(MetaTask):
         return cls.ctrl_cost_weight * np.square(ctrl).sum(-1)
 
     def ctrl_cost_of(self, action):
+        """The control cost the reward charges for Box(-1, 1) actions [..., act_dim] -> [...]: the part of the
+        reward that the agent's own action alone decides, the same on every task."""
         return self.ctrl_cost(self.ctrl(action)).astype(np.float32)
 
     def step(self, action):
