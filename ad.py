@@ -323,6 +323,7 @@ def rollout(model, meta, tasks, n_episodes, n_seeds=1, action_mode="mean", seed=
     prev_act, prev_rew = torch.zeros(n, vec.act_dim, device=device), torch.zeros(n, device=device)
     returns = np.zeros((vec.n_tasks, vec.n_envs, n_episodes))
     where = []  # per episode: [horizon + 1] arrays [tasks, seeds, d]
+    reward_kind = meta.get("reward_input", RUN_DEFAULTS["reward_input"])
     for episode in tqdm(range(n_episodes), desc=desc, disable=desc is None, leave=False):
         obs = torch.as_tensor(vec.reset(), device=device).reshape(n, -1)
         if record:
@@ -331,13 +332,12 @@ def rollout(model, meta, tasks, n_episodes, n_seeds=1, action_mode="mean", seed=
             first = torch.full((n,), float(t == 0), device=device)
             out, state = model.step(make_token(obs, prev_act, prev_rew, first, stats), state)
             prev_act = choose_action(out, meta["loss"], action_mode, generator)
-            next_obs, rew, _ = vec.step(prev_act.reshape(vec.n_tasks, vec.n_envs, -1).cpu().numpy())
+            taken = prev_act.reshape(vec.n_tasks, vec.n_envs, -1).cpu().numpy()
+            next_obs, rew, _ = vec.step(taken)
             returns[:, :, episode] += rew
             obs = torch.as_tensor(next_obs, device=device).reshape(n, -1)
             if not blind:
-                taken = prev_act.reshape(vec.n_tasks, vec.n_envs, -1).cpu().numpy()
-                kind = meta.get("reward_input", RUN_DEFAULTS["reward_input"])
-                seen = reward_input(rew, taken, vec.envs[0][0], kind)
+                seen = reward_input(rew, taken, vec.envs[0][0], reward_kind)
                 prev_rew = standardise_reward(torch.as_tensor(seen, device=device).reshape(n), stats)
             if record:
                 where[-1].append(vec.trace()[0])

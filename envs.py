@@ -98,7 +98,7 @@ class PointGoal(MetaTask, gym.Env):
         return self.pos.copy(), self.task.copy()
 
     def ctrl_cost_of(self, action):  # as MujocoMetaTask's: point_goal's reward charges no control cost
-        return np.zeros(np.shape(action)[:-1], np.float32)
+        return np.zeros(np.shape(action)[:-1])
 
 
 class MujocoMetaTask(MetaTask):
@@ -131,7 +131,7 @@ class MujocoMetaTask(MetaTask):
     def ctrl_cost_of(self, action):
         """The control cost the reward charges for Box(-1, 1) actions [..., act_dim] -> [...]: the part of the
         reward that the agent's own action alone decides, the same on every task."""
-        return self.ctrl_cost(self.ctrl(action)).astype(np.float32)
+        return self.ctrl_cost(self.ctrl(action))
 
     def step(self, action):
         ctrl = self.ctrl(action)

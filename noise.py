@@ -113,10 +113,10 @@ class PusherPosterior:
         self._geometry()
         self.tip, self.left, self.moved = [], [], []
 
-    def record(self, obs, reward, ctrl, moved):
-        """One step's clues: obs (ending with the tip), its reward, the actuator controls, the cylinder's push."""
+    def record(self, obs, reward, ctrl_cost, moved):
+        """One step's clues: obs (ending with the tip), its reward and control cost, the cylinder's push."""
         self.tip.append(obs[-3:])
-        self.left.append(-(reward + envs.PusherGoal.ctrl_cost(ctrl)))  # = ||obj - goal|| + 0.5 ||obj - tip||
+        self.left.append(-(reward + ctrl_cost))  # = ||obj - goal|| + 0.5 ||obj - tip||
         self.moved.append(moved)
 
     @staticmethod
@@ -184,7 +184,7 @@ def noise_histories(expert, name, tasks, task_ids, eps, streams, target, expert_
             for i, (row, env_row) in enumerate(zip(searchers or (), vec.envs)):
                 for j, (searcher, env) in enumerate(zip(row, env_row)):
                     reward = arrays["rew"][i, j, e, t]
-                    searcher.record(obs[i, j], reward, env.ctrl(act[i, j]), env.cylinder_moved())
+                    searcher.record(obs[i, j], reward, env.ctrl_cost_of(act[i, j]), env.cylinder_moved())
     return [{key: value[i] for key, value in arrays.items()} for i in range(T)]
 
 

@@ -1128,7 +1128,7 @@ def test_reward_input_task_trains_and_resumes_on_the_reward_less_its_control_cos
     data = ad.load_histories(str(tmp_path / "data"), "reacher_goal", 1)
     n_train = data["rew"].shape[0] - meta["holdout_tasks"]
     env, act, rew = envs.make_env("reacher_goal"), data["act"][:n_train], data["rew"][:n_train]
-    task_part = torch.as_tensor(rew + env.ctrl_cost_of(act)).flatten(0, 1).flatten(-2)
+    task_part = torch.as_tensor(rew + env.ctrl_cost_of(act), dtype=torch.float32).flatten(0, 1).flatten(-2)
     seen = train_set[0][:, 1:, -2] * meta["stats"]["rew_std"] + meta["stats"]["rew_mean"]
     torch.testing.assert_close(seen, task_part[:, :-1], rtol=1e-5, atol=1e-5)
     assert meta["reward_input"] == "task" and plain_meta["reward_input"] == "reward"
@@ -2257,9 +2257,9 @@ def test_pusher_posterior_finds_the_task_from_rewards_alone(tmp_path):
         qpos = env.data.qpos.copy()                                       # the same arm, another task's rewards
         qpos[-4:] = tasks[1][[1, 0, 3, 2]]
         other.set_state(qpos, env.data.qvel.copy())
-        searcher.record(obs, reward, env.ctrl(act), env.cylinder_moved())
+        searcher.record(obs, reward, env.ctrl_cost_of(act), env.cylinder_moved())
         if np.allclose(env.cylinder_moved(), 0):
-            fooled.record(obs, other._reward(env.ctrl(act), None), env.ctrl(act), np.zeros(2))
+            fooled.record(obs, other._reward(env.ctrl(act), None), env.ctrl_cost_of(act), np.zeros(2))
     for guesser, task in ((searcher, tasks[0]), (fooled, tasks[1])):
         guess = guesser.guess()
         assert np.linalg.norm(guess[:2] - task[:2]) < 0.02, (guess, task)
