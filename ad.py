@@ -13,6 +13,9 @@ downsampled to every k-th episode (`--offsets N` also reads each history from N 
 per history). `--context full` trains on whole downsampled streams (the paper's best), `--context N` on
 random windows of N tokens inside one stream. Losses: `mse` on the executed action (eq. 6)
 or `nll`, a Gaussian head trained against the source policy's own distribution (act_mean, act_std).
+`--task-loss W` (not the paper's: a change of method) adds W x the squared error of a guess of the hidden
+task at every token, from extra outputs the policy never uses: it asks the model to read the task, which
+the action loss alone need not, and evaluate.py scores the guess the model makes from its own rollouts.
 
 Three sequence models read the tokens (--arch): mamba.py, transformer.py and hybrid.py (Decision Mamba-Hybrid:
 Mamba over c-step segments emits a sub-goal, a small transformer acts on it and the segment; trained with a
@@ -64,14 +67,14 @@ def load_histories(data_dir, env, k, offsets=1):
     it is read (a paper-scale data set need not fit in memory whole) and stacked: obs [tasks, E x offsets,
     episodes, H, obs_dim], act, act_mean, act_std [.., act_dim] (without a stored policy: act and 0), rew
     [tasks, E x offsets, episodes, H]; plus `returns` [tasks, E, all episodes] of the full histories, for
-    the source algorithm's learning curve."""
+    the source algorithm's learning curve, and each history's hidden `task` [tasks, task_dim]."""
     make = f"python {envs.env_settings(env).algo}.py --env {env}"
     if not os.path.isdir(data_dir):
         raise DataError(f"no learning histories at {data_dir}: make them with `{make}`")
     files = sorted(glob.glob(os.path.join(data_dir, "task_*.npz")))
     if not files:
         raise DataError(f"{data_dir} holds no task_*.npz learning histories: make them with `{make}`")
-    kept, returns, first = [], [], None
+    kept, returns, tasks, first = [], [], [], None
     for f in files:
         h = envs.load_history(f)
         first = h if first is None else first
@@ -85,8 +88,10 @@ def load_histories(data_dir, env, k, offsets=1):
         h.setdefault("act_std", np.zeros_like(h["act"]))
         kept.append(downsample(h, k, offsets))
         returns.append(h["rew"].sum(-1))
+        tasks.append(h["task"])
     data = {key: np.stack([h[key] for h in kept]) for key in kept[0]}
-    data.update(returns=np.stack(returns), algo=first["algo"], split=first["split"])
+    data.update(returns=np.stack(returns), task=np.stack(tasks).astype(np.float32), algo=first["algo"],
+                split=first["split"])
     return data
 
 
@@ -252,14 +257,33 @@ def action_loss(out, targets, loss):
     return (log_std + 0.5 * squared * torch.exp(-2 * log_std)).mean()
 
 
-def training_loss(model, tokens, targets, loss):
-    """The action loss; for DM-H trained with valuable sub-goals (targets hold "subgoal"), the mean of it and
+def action_outputs(out, task_dim):
+    """The policy head's part of a model's output: all but the last task_dim (the task guess of --task-loss)."""
+    return out[..., :out.shape[-1] - task_dim]
+
+
+def task_dim_of(targets):
+    return targets["task"].shape[-1] if "task" in targets else 0
+
+
+def head_loss(out, targets, loss, task_weight):
+    """The action loss; with a task target (--task-loss), plus task_weight x the squared error of the task
+    guess, the model's last task_dim outputs, to the standardised hidden task at every token."""
+    value = action_loss(action_outputs(out, task_dim_of(targets)), targets, loss)
+    if "task" not in targets:
+        return value
+    return value + task_weight * F.mse_loss(out[..., -task_dim_of(targets):], targets["task"])
+
+
+def training_loss(model, tokens, targets, loss, task_weight=0.0):
+    """head_loss; for DM-H trained with valuable sub-goals (targets hold "subgoal"), the mean of it and
     the loss of a second pass whose segments are conditioned on those sub-goals instead of Mamba's (DM-H
     Section 4.3): the same actions, so the transformer learns to follow a sub-goal."""
-    value = action_loss(model(tokens).float(), targets, loss)  # fp32 loss, also under bf16 autocast
+    value = head_loss(model(tokens).float(), targets, loss, task_weight)  # fp32 loss, also under bf16 autocast
     if "subgoal" not in targets:
         return value
-    return 0.5 * (value + action_loss(model(tokens, subgoals=targets["subgoal"]).float(), targets, loss))
+    second = head_loss(model(tokens, subgoals=targets["subgoal"]).float(), targets, loss, task_weight)
+    return 0.5 * (value + second)
 
 
 def choose_action(out, loss, action_mode, generator=None):
@@ -331,6 +355,7 @@ def rollout(model, meta, tasks, n_episodes, n_seeds=1, action_mode="mean", seed=
         for t in range(vec.horizon):
             first = torch.full((n,), float(t == 0), device=device)
             out, state = model.step(make_token(obs, prev_act, prev_rew, first, stats), state)
+            out = action_outputs(out, meta.get("task_dim", RUN_DEFAULTS["task_dim"]))
             prev_act = choose_action(out, meta["loss"], action_mode, generator)
             taken = prev_act.reshape(vec.n_tasks, vec.n_envs, -1).cpu().numpy()
             next_obs, rew, _ = vec.step(taken)
@@ -431,19 +456,20 @@ def iters_per_epoch(n_streams, L, args, world=1):
 
 @torch.no_grad()
 def validation_loss(model, tokens, targets, loss, window=None, batch_size=16):
-    """The action loss on held-out streams, in the training context: whole streams, or (`window` tokens)
-    the streams cut into consecutive windows, as the model was trained (a transformer cannot take more
-    than its window, and a windowed Mamba is not trained on more); a remainder shorter than a window is
-    left out. Every sample weighs the same: batch means are weighted by batch size, so an uneven last
-    batch does not count more than its share."""
+    """The action loss (without --task-loss's term) on held-out streams, in the training context: whole
+    streams, or (`window` tokens) the streams cut into consecutive windows, as the model was trained (a
+    transformer cannot take more than its window, and a windowed Mamba is not trained on more); a remainder
+    shorter than a window is left out. Every sample weighs the same: batch means are weighted by batch
+    size, so an uneven last batch does not count more than its share."""
     if window:
         tokens, targets = tile_windows(tokens, window), {key: tile_windows(v, window) for key, v in targets.items()}
     if len(tokens) == 0:
         return float("nan")
     model.eval()
     starts = range(0, len(tokens), batch_size)
-    losses = [action_loss(model(tokens[i:i + batch_size]), {key: v[i:i + batch_size] for key, v in targets.items()},
-                          loss).item() for i in starts]
+    task_dim = task_dim_of(targets)
+    losses = [action_loss(action_outputs(model(tokens[i:i + batch_size]), task_dim),
+                          {key: v[i:i + batch_size] for key, v in targets.items()}, loss).item() for i in starts]
     model.train()
     return float(np.average(losses, weights=[len(tokens[i:i + batch_size]) for i in starts]))
 
@@ -468,6 +494,13 @@ def prepare(args):
     stats = dataset_stats(data["obs"][:n_train], data["rew"][:n_train])
     tokens, targets = build_streams(data, stats, subgoals=args.arch == "hybrid" and args.valuable_subgoals)
     L = tokens.shape[2]
+    task_dim = data["task"].shape[-1] if args.task_loss > 0 else 0
+    task_stats = None
+    if task_dim:  # every token's task target: the stream's hidden task, standardised over the training tasks
+        task = torch.as_tensor(data["task"])
+        task_stats = {"mean": task[:n_train].mean(0), "std": task[:n_train].std(0).clamp_min(1e-3)}
+        task = (task - task_stats["mean"]) / task_stats["std"]
+        targets["task"] = task[:, None, None].expand(*tokens.shape[:3], task_dim)
     if args.context != "full" and args.context > L:
         raise DataError(f"--context {args.context} is longer than a downsampled stream ({L} tokens); "
                         f"use --context full or a smaller N")
@@ -479,6 +512,7 @@ def prepare(args):
     curve, final = source_curve(data["returns"], args.k)
     obs_dim, act_dim = data["obs"].shape[-1], data["act"].shape[-1]
     d_in, d_out = model_io(obs_dim, act_dim, args.loss)
+    d_out += task_dim
     shape = dict(d_in=d_in, d_out=d_out, max_len=L if args.context == "full" else args.context, obs_dim=obs_dim)
     config = arch_config(args.arch, vars(args), **shape)
     other = "transformer" if args.arch == "mamba" else "mamba"
@@ -491,7 +525,8 @@ def prepare(args):
     meta = {"env": args.env, "algo": data["algo"], "data": os.path.abspath(data_dir), "n_tasks": n_tasks,
             "holdout_tasks": n_holdout, "k": args.k, "offsets": args.offsets, "episodes": L // settings.horizon,
             "horizon": settings.horizon, "obs_dim": obs_dim, "act_dim": act_dim, "loss": args.loss,
-            "context": args.context, "reward_input": args.reward_input, "stats": stats, "source_curve": curve,
+            "context": args.context, "reward_input": args.reward_input, "task_loss": args.task_loss,
+            "task_dim": task_dim, "task_stats": task_stats, "stats": stats, "source_curve": curve,
             "source_final": final}
     noise_settings = os.path.join(data_dir, "noise.json")
     if os.path.isfile(noise_settings):  # noise.py's histories: evaluate.py scores against their expert
@@ -500,9 +535,9 @@ def prepare(args):
     return train, held, config, meta
 
 
-RUN_KEYS = ("env", "algo", "data", "k", "offsets", "loss", "context", "reward_input")  # what --resume must keep
+RUN_KEYS = ("env", "algo", "data", "k", "offsets", "loss", "context", "reward_input", "task_loss")  # --resume keeps
 # what a checkpoint from before a key existed was trained with
-RUN_DEFAULTS = {"offsets": 1, "reward_input": "reward"}
+RUN_DEFAULTS = {"offsets": 1, "reward_input": "reward", "task_loss": 0.0, "task_dim": 0}
 
 
 def train(args):
@@ -604,7 +639,7 @@ def update(ddp, model, optimizer, lr, batch, args):
         group["lr"] = lr
     tokens, targets = batch
     with envs.autocast(args.device, args.bf16):
-        loss = training_loss(ddp, tokens, targets, args.loss)
+        loss = training_loss(ddp, tokens, targets, args.loss, args.task_loss)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -738,6 +773,9 @@ def build_parser():
     p.add_argument("--reward-input", default="reward", choices=("reward", "task"),
                    help="what a token's reward slot holds: the env's reward (the paper) or its task part, the reward "
                         "without the control cost of the action taken (see reward_input)")
+    p.add_argument("--task-loss", type=float, default=0.0,
+                   help="weight of an auxiliary loss on a guess of the hidden task at every token (0: AD as the "
+                        "paper; a change of method: it asks the model to read the task, which AD's loss does not)")
     p.add_argument("--noise", type=float, default=0.05, help="std of the Gaussian noise added to input tokens")
     p.add_argument("--holdout", type=float, default=0.05, help="fraction of training tasks held out for a loss")
     p.add_argument("--eval-every", type=envs.positive_int, default=200, help="updates between validation rollouts")
@@ -763,6 +801,8 @@ def parse_args(argv=None):
     """The command line, with the defaults of --env's ENVS row (envs.parse_with_env_defaults); what is left
     None there (k, the model's sizes, weight decay) comes from the row too, after the arch is known."""
     args = envs.parse_with_env_defaults(build_parser(), argv, lambda env: envs.ENVS[env].ad)
+    if args.task_loss < 0:
+        sys.exit(f"error: --task-loss {args.task_loss} must be 0 (AD as the paper) or positive")
     settings = envs.ENVS[args.env]
     args.k = args.k or settings.k
     sizes = getattr(settings, args.arch)

@@ -25,6 +25,8 @@ The reward-blind control (on by default, --no-blind skips it) plays the same rol
 slot of every token set to 0: its strict score, and strict minus it, show how much of the score comes from
 reading rewards. For AD on noise histories (noise.py) the strict score's 1 is their expert's noise-free
 return on the same test tasks, and the expert told the task distribution's mean is reported beside it.
+A model trained with a task-guess loss (`ad.py --task-loss`) also reports how far its guess of the hidden
+task is from the truth at the end of each episode of its own rollouts (TaskGuesses).
 
 A model trained on N-token windows (`ad.py --context N`) sees at most N tokens in its rollout, whatever
 its architecture (ad.SlidingContext); `--unbounded-context` lifts the bound, for comparison.
@@ -178,6 +180,34 @@ def training_budget(ckpt, final=False):
 BEHAVIOUR_TASKS = 3  # test tasks drawn in behaviour.png
 
 
+class TaskGuesses:
+    """A model trained with ad.py --task-loss, stepped by ad.rollout: it keeps the model's guess of the
+    hidden task (its last task_dim outputs) at every step, so that the guess made from the model's own
+    rollouts can be set beside the truth. On the histories it was trained on, the context can give the
+    task away in ways the model's own rollouts do not (a demonstrator's actions carry its guess)."""
+
+    def __init__(self, model, task_dim):
+        self.model, self.task_dim, self.steps = model, task_dim, []
+
+    def init_state(self, batch, device=None):
+        self.steps = []
+        return self.model.init_state(batch, device)
+
+    def step(self, x, state):
+        y, state = self.model.step(x, state)
+        self.steps.append(y[..., -self.task_dim:].float().cpu())
+        return y, state
+
+    def errors(self, meta, tasks, n_seeds):
+        """The guess's distance to the true task at the last step of each episode, root-mean-square over
+        tasks and seeds, and (the line to beat) the training tasks' mean's distance."""
+        stats = meta["task_stats"]
+        guesses = torch.stack(self.steps, 1)[:, meta["horizon"] - 1::meta["horizon"]] * stats["std"] + stats["mean"]
+        truth = torch.as_tensor(tasks, dtype=torch.float32).repeat_interleave(n_seeds, 0)
+        rms = lambda d: float(d.square().sum(-1).mean().sqrt())
+        return [rms(guesses[:, e] - truth) for e in range(guesses.shape[1])], rms(stats["mean"] - truth)
+
+
 def evaluate(directory, args):
     """Roll one checkpoint out on the test tasks (or score a baseline's results.json): the eval.json dict and
     what the agent did on the first BEHAVIOUR_TASKS tasks (None for a baseline), for plot_behaviour."""
@@ -190,9 +220,14 @@ def evaluate(directory, args):
     window = ad.rollout_window(meta, bounded=not args.unbounded_context)
     final = is_final(directory)
     name = os.path.basename(run_directory(directory))
-    rollout = functools.partial(ad.rollout, model, meta, tasks, n_episodes, n_seeds=args.seeds,
-                                action_mode=args.action_mode, seed=args.seed, device=args.device, window=window)
+    guesser = None
+    if meta.get("task_dim"):  # outside the sliding window, which replays tokens: one guess per real step
+        guesser = TaskGuesses(ad.SlidingContext(model, window) if window else model, meta["task_dim"])
+    rollout = functools.partial(ad.rollout, guesser or model, meta, tasks, n_episodes, n_seeds=args.seeds,
+                                action_mode=args.action_mode, seed=args.seed, device=args.device,
+                                window=None if guesser else window)
     returns, where, goal = rollout(record=True, desc=name)
+    guess_errors = guesser.errors(meta, tasks, args.seeds) if guesser else None
     blind = rollout(blind=True, desc=f"{name}, reward-blind") if args.blind else None
     reference = expert_reference(meta, tasks, returns, args)
     if reference:
@@ -204,6 +239,8 @@ def evaluate(directory, args):
     summary.update(source_final_on=one[1], source_final_from=one[2])
     if reference:
         summary.update(reference)
+    if guess_errors:
+        summary.update(task_guess_error=guess_errors[0], task_mean_error=guess_errors[1])
     if envs.ENVS[meta["env"]].env_class.trace_kind == "path":
         summary.update(goal_distances(where, goal))
     behaviour = {"where": where[:BEHAVIOUR_TASKS], "goal": goal[:BEHAVIOUR_TASKS],
@@ -214,6 +251,7 @@ def evaluate(directory, args):
             "total_updates": ckpt.get("total_updates"), "algo": meta["algo"],
             "k": meta["k"], "context": meta["context"], "stream_tokens": meta["episodes"] * meta["horizon"],
             "rollout_window": window, "reward_input": meta.get("reward_input", ad.RUN_DEFAULTS["reward_input"]),
+            "task_loss": meta.get("task_loss", ad.RUN_DEFAULTS["task_loss"]),
             "loss": meta["loss"], "action_mode": args.action_mode,
             "budget": training_budget(ckpt, final), "final_weights": final,
             "selection": "final weights (last.pt)" if final else
@@ -267,8 +305,9 @@ def label(result):
     ablation = ", no valuable sub-goals" if config.get("valuable_subgoals") is False else ""  # DM-H's ablation
     weights = ", final weights" if result.get("final_weights") else ""
     reward = ", reads the reward less its control cost" if result.get("reward_input") == "task" else ""
+    task_loss = f", task-guess loss x {result['task_loss']:g}" if result.get("task_loss") else ""
     return (f"AD-{result['arch']} {config['d_model']}x{config['n_layer']} ({result['params'] / 1e3:.0f}k params)"
-            f"{ablation}, context {context}{reward}{weights}")
+            f"{ablation}, context {context}{reward}{task_loss}{weights}")
 
 
 def group_runs(results):
@@ -534,6 +573,11 @@ def main(argv=None):
             print(f"  reward-blind control: first episode {s['blind_first_episode']:.2f} -> last 5 "
                   f"{s['blind_last5']:.2f}, strict score {s['blind_score_last5']:.2f}: "
                   f"{s['score_last5'] - s['blind_score_last5']:.2f} of the score comes from reading rewards")
+        if "task_guess_error" in s:
+            errors = s["task_guess_error"]
+            print(f"  its guess of the task (--task-loss) from its own rollouts is off by {errors[0]:.3f} after episode "
+                  f"1, {errors[-1]:.3f} after episode {len(errors)} (root-mean-square distance; the training tasks' "
+                  f"mean: {s['task_mean_error']:.3f})")
         if "tasks_beating_told_mean_task" in s:
             print(f"  the expert told the mean task scores {s['told_mean_task']:.2f}; the last 5 episodes beat it on "
                   f"{s['tasks_beating_told_mean_task']} of {len(result['tasks'])} test tasks")

@@ -15,8 +15,9 @@ What AD is trained to output (--target; the histories' act_mean and act_std):
              Decision-Pretrained Transformer (Lee et al. 2023) and Vintix do), std --expert-std;
   behaviour  the behaviour's own distribution: mean (1 - eps) a*, std eps / sqrt(3) (AD-eps as written),
              floored at --expert-std;
-  shown      the noise-free action of the expert as it is shown the task (below), std --expert-std: the
-             noise then only widens the states the histories visit (as DART does for imitation).
+  shown      the noise-free action of the expert shown the task it means to act on (the true one, or with
+             --shown posterior the searcher's guess; below), std --expert-std: the noise then only widens
+             the states the histories visit (as DART does for imitation).
 A context the model writes itself at test time looks like none of these: its own actions are clean
 (close to an expert's) but for the task it guessed, not the true one, and only the rewards say so. In
 the histories above, clean-looking actions always belong to the true task, so the actions alone tell
@@ -31,7 +32,10 @@ and a model trained on them does not learn to find the cylinder. --shown posteri
 searcher instead (PusherPosterior): in each episode it is shown its best guess of the task from the
 stream's earlier rewards, so a history is a search that finds the cylinder, then the goal, from rewards
 alone; --target shown trains AD to act as that searcher (with no noise at all, --clean 1, the model's own
-rollouts fell below zero action; --eps-start below 1 keeps a little).
+rollouts fell below zero action; --eps-start below 1 keeps a little). Its actions carry its guess, so a model
+can copy the guess from them rather than read the rewards: --wrong-task P then steers a noisy episode by a
+wrong task while the target stays the searcher's action for its guess. --clean-first N leaves the first N
+episodes noise-free: their rewards are then free of the control cost of noise, which hides the cylinder.
 The files are the RL scripts' format (envs.save_history, algo "noise"), so ad.py reads them as they are.
 The settings, eps per episode and the expert's path go to noise.json beside them: ad.py keeps it in its
 checkpoint, and evaluate.py then scores against the expert's noise-free return on the same test tasks.
@@ -43,6 +47,7 @@ written --parallel at a time and a killed run resumes from the tasks not yet wri
     python noise.py --env half_cheetah_vel --wrong-task 0.5 --out data/half_cheetah_vel/noise_wrong
     python noise.py --env half_cheetah_vel --wrong-task 0.5 --wrong-near 8 --out data/half_cheetah_vel/noise_near
     python noise.py --env pusher_goal --shown posterior --eps-start 0.3 --target shown --out data/pusher_goal/post
+    python noise.py --env pusher_goal --shown posterior --eps-start 0.6 --target shown --clean-first 1 --episodes 3
     python ad.py --env half_cheetah_vel --data data/half_cheetah_vel/noise_expert --k 1
 """
 import argparse
@@ -60,27 +65,30 @@ import expert as experts
 import sac
 
 
-def epsilon_schedule(n_episodes, clean=0.2, power=1.5, start=1.0):
-    """eps per episode: from `start` at the first episode down towards 0 over the first round(n (1 - clean))
-    episodes, then 0 for the rest (the last one is always noise-free)."""
-    n_noisy = min(n_episodes - 1, int(round(n_episodes * (1 - clean))))
-    noisy = start * (1 - np.arange(n_noisy) / n_noisy) ** power if n_noisy else np.zeros(0)
-    return np.concatenate([noisy, np.zeros(n_episodes - n_noisy)]).astype(np.float32)
+def epsilon_schedule(n_episodes, clean=0.2, power=1.5, start=1.0, clean_first=0):
+    """eps per episode: 0 for the first `clean_first` episodes; then, over the n left, from `start` down
+    towards 0 over their first round(n (1 - clean)) episodes and 0 for the rest (the last one is always
+    noise-free)."""
+    n = n_episodes - clean_first
+    n_noisy = min(n - 1, int(round(n * (1 - clean))))
+    noisy = start * (1 - np.arange(n_noisy) / n_noisy) ** power if n_noisy > 0 else np.zeros(0)
+    return np.concatenate([np.zeros(clean_first), noisy, np.zeros(n - n_noisy)]).astype(np.float32)
 
 
-def shown_tasks(name, tasks, streams, epsilon, wrong_task, task_rngs, wrong_near=1):
-    """The task the expert is shown in each stream for one episode, [T, E, task_dim]: the true one, or
-    (in a noisy episode, with probability wrong_task) one drawn afresh from the training distribution: the
-    nearest to the true task of k draws, k uniform in 1..wrong_near (1: any draw)."""
-    shown = np.repeat(tasks[:, None], streams, 1)
+def shown_tasks(name, intended, epsilon, wrong_task, task_rngs, wrong_near=1):
+    """The task the expert is shown in each stream for one episode, [T, E, task_dim]: the intended one
+    [T, E, task_dim] (the true task, or the searcher's guess), or (in a noisy episode, with probability
+    wrong_task) one drawn afresh from the training distribution: the nearest to the intended task of k
+    draws, k uniform in 1..wrong_near (1: any draw)."""
+    shown = intended.copy()
     if epsilon > 0 and wrong_task > 0:
         sample = envs.env_settings(name).sample_task
         for i, rng in enumerate(task_rngs):
-            for j in np.flatnonzero(rng.random(streams) < wrong_task):
+            for j in np.flatnonzero(rng.random(shown.shape[1]) < wrong_task):
                 # wrong_near = 1 draws nothing more, so earlier histories are made again bit for bit
                 k = rng.integers(1, wrong_near + 1) if wrong_near > 1 else 1
                 draws = np.stack([sample(rng) for _ in range(k)])
-                shown[i, j] = draws[np.argmin(np.linalg.norm(draws - tasks[i], axis=1))]
+                shown[i, j] = draws[np.argmin(np.linalg.norm(draws - intended[i, j], axis=1))]
     return shown
 
 
@@ -145,10 +153,18 @@ class PusherPosterior:
         return np.concatenate([obj, goal]).astype(np.float32)
 
 
+def expert_actions(expert, vec, obs, shown):
+    """The expert's actions [T, E, act_dim] in vec's envs at obs, shown the tasks [T, E, task_dim]. One call
+    per task: a matmul's rounding depends on its row count, and a task's history must not depend on the
+    tasks rolled out beside it."""
+    return np.stack([expert(obs[i], view).numpy() for i, view in enumerate(vec.expert_views(shown))])
+
+
 def noise_histories(expert, name, tasks, task_ids, eps, streams, target, expert_std, seed, wrong_task=0.0,
                     wrong_near=1, posterior=False):
     """Roll the expert out with annealed noise on `tasks` (streams copies each) for len(eps) episodes; with
-    `posterior`, the expert is shown each stream's PusherPosterior guess instead of the true task.
+    `posterior`, the expert intends each stream's PusherPosterior guess instead of the true task (and is
+    shown it, unless a wrong-task episode shows it another; the target "shown" stays the guess's action).
     Returns one dict of history arrays per task, as envs.save_history takes them."""
     vec = envs.MultiTaskVecEnv(name, tasks, streams, seed=seed, task_ids=task_ids)
     # per task: independent of chunking
@@ -161,21 +177,19 @@ def noise_histories(expert, name, tasks, task_ids, eps, streams, target, expert_
               **{key: np.zeros((T, E, len(eps), H, A), np.float32) for key in ("act", "act_mean", "act_std")}}
     for e, epsilon in enumerate(eps):
         obs = vec.reset()
-        shown = (np.array([[searcher.guess() for searcher in row] for row in searchers]) if posterior else
-                 shown_tasks(name, tasks, streams, epsilon, wrong_task, task_rngs, wrong_near))
-        told_truth = (shown == true).all()
+        intended = np.array([[searcher.guess() for searcher in row] for row in searchers]) if posterior else true
+        shown = shown_tasks(name, intended, epsilon, wrong_task, task_rngs, wrong_near)
+        told_truth, told_intended = (shown == true).all(), (shown == intended).all()
         for t in range(H):
-            # one call per task: a matmul's rounding depends on its row count, and a task's history must
-            # not depend on the tasks rolled out beside it
-            best = np.stack([expert(obs[i], view).numpy() for i, view in enumerate(vec.expert_views(true))])
-            guided = best if told_truth else np.stack(
-                [expert(obs[i], view).numpy() for i, view in enumerate(vec.expert_views(shown))])
+            best = expert_actions(expert, vec, obs, true)
+            guided = best if told_truth else expert_actions(expert, vec, obs, shown)
+            searched = guided if told_intended else expert_actions(expert, vec, obs, intended)
             u = np.stack([rng.uniform(-1, 1, (E, A)) for rng in rngs])
             act = (1 - epsilon) * guided + epsilon * u  # a convex mix of two actions in [-1, 1]: no clip needed
             if target == "expert":
                 mean, std = best, expert_std
             elif target == "shown":
-                mean, std = guided, expert_std
+                mean, std = searched, expert_std
             else:
                 mean, std = (1 - epsilon) * guided, max(epsilon * sac.UNIFORM_STD, expert_std)
             for key, value in (("obs", obs), ("act", act), ("act_mean", mean), ("act_std", std)):
@@ -206,21 +220,23 @@ def check_settings(out, settings):
 
 def run(args):
     expert = experts.load_expert(args.expert, env=args.env)
-    eps = epsilon_schedule(args.episodes, args.clean, args.power, args.eps_start)
+    eps = epsilon_schedule(args.episodes, args.clean, args.power, args.eps_start, args.clean_first)
     horizon = envs.env_settings(args.env).horizon
     steps = args.streams * args.episodes * horizon
     envs.prepare_out_dir(args.out)
     settings = {"env": args.env, "expert": args.expert, "target": args.target, "tasks": args.tasks,
-                "streams": args.streams, "episodes": args.episodes, "clean": args.clean, "power": args.power,
+                "streams": args.streams, "episodes": args.episodes, "clean": args.clean,
+                "clean_first": args.clean_first, "power": args.power,
                 "eps_start": args.eps_start, "expert_std": args.expert_std, "wrong_task": args.wrong_task,
                 "wrong_near": args.wrong_near, "shown": args.shown, "split": args.split, "seed": args.seed,
                 "eps": eps.round(4).tolist()}
     check_settings(args.out, settings)
     tasks = envs.sample_tasks(args.env, args.tasks, args.split, seed=args.seed)
     todo = envs.pending_tasks(args.out, tasks, env=args.env, algo="noise", seed=args.seed, steps=steps)
+    after = f" after {args.clean_first} noise-free" if args.clean_first else ""
     print(f"noise histories on {args.env}: {args.tasks} tasks x {args.streams} streams x {args.episodes} episodes "
-          f"(eps {eps[0]:g} -> 0 over {int((eps > 0).sum())}), shown the {args.shown} task, target {args.target}, "
-          f"{len(todo)} to do -> {args.out}")
+          f"(eps {eps[args.clean_first]:g} -> 0 over {int((eps > 0).sum())}{after}), shown the {args.shown} task, "
+          f"target {args.target}, {len(todo)} to do -> {args.out}")
     t0 = time.perf_counter()
     for start in tqdm(range(0, len(todo), args.parallel), desc="tasks", unit="chunk", disable=not todo):
         chunk = todo[start:start + args.parallel]
@@ -242,11 +258,13 @@ def build_parser():
     p.add_argument("--expert", default=None, help="expert.py's output; None: checkpoints/experts/ENV")
     p.add_argument("--target", default="expert", choices=("expert", "behaviour", "shown"),
                    help="what AD is trained to output: the expert's action (relabelled), the behaviour's, or "
-                        "the noise-free action of the expert as shown (with --shown posterior: the searcher's)")
+                        "the noise-free action of the expert shown its intended task (--shown posterior: the searcher's)")
     p.add_argument("--tasks", type=envs.positive_int, default=None, help="training tasks; None: ENVS[env]'s")
     p.add_argument("--streams", type=envs.positive_int, default=5, help="histories per task")
     p.add_argument("--episodes", type=envs.positive_int, default=40, help="episodes per history")
     p.add_argument("--clean", type=float, default=0.2, help="share of noise-free episodes at the end (1: all)")
+    p.add_argument("--clean-first", type=int, default=0,
+                   help="noise-free episodes at the start, before the schedule (its rewards then read clean)")
     p.add_argument("--power", type=float, default=1.5, help="eps_e = start (1 - e / n_noisy) ** power")
     p.add_argument("--eps-start", type=float, default=1.0, help="eps of the first episode, the schedule's start")
     p.add_argument("--expert-std", type=float, default=0.05,
@@ -272,15 +290,16 @@ def parse_args(argv=None):
     args = build_parser().parse_args(argv)
     if not 0 <= args.clean <= 1:
         sys.exit(f"error: --clean {args.clean} must be in [0, 1]")
+    if not 0 <= args.clean_first < args.episodes:
+        sys.exit(f"error: --clean-first {args.clean_first} must be in [0, --episodes)")
     if not 0 < args.eps_start <= 1:
         sys.exit(f"error: --eps-start {args.eps_start} must be in (0, 1]")
     if not 0 <= args.wrong_task <= 1:
         sys.exit(f"error: --wrong-task {args.wrong_task} must be in [0, 1]")
     if args.wrong_near > 1 and args.wrong_task == 0:
         sys.exit(f"error: --wrong-near {args.wrong_near} needs wrong-task episodes: set --wrong-task above 0")
-    if args.shown == "posterior" and (args.env != "pusher_goal" or args.wrong_task > 0):
-        sys.exit("error: --shown posterior is pusher_goal's searcher and takes no --wrong-task: "
-                 "use --env pusher_goal --wrong-task 0")
+    if args.shown == "posterior" and args.env != "pusher_goal":
+        sys.exit("error: --shown posterior is pusher_goal's searcher: use --env pusher_goal")
     if args.expert_std <= 0:
         sys.exit(f"error: --expert-std {args.expert_std} must be positive")
     args.tasks = args.tasks or envs.env_settings(args.env).train_tasks

@@ -1070,23 +1070,27 @@ class _ScriptedModel:
         return self.outputs[t], t + 1
 
 
-@pytest.mark.parametrize("env, reward_input", [("point_goal", "reward"), ("reacher_goal", "task")])
-def test_rollout_feeds_the_model_the_training_tokens(env, reward_input):
+@pytest.mark.parametrize("env, reward_input, task_dim", [("point_goal", "reward", 0), ("reacher_goal", "task", 0),
+                                                         ("point_goal", "reward", 2)])
+def test_rollout_feeds_the_model_the_training_tokens(env, reward_input, task_dim):
     """The tokens a rollout builds step by step are the tokens training builds from the same trajectory
     stored as a history (ad.prepare's reward_input, then ad.build_streams): standardised observations and
     rewards (with --reward-input task, the reward less its control cost), the previous executed action and
-    reward carried across episode boundaries, first-step flags, zeros before the first step."""
+    reward carried across episode boundaries, first-step flags, zeros before the first step. A model with
+    --task-loss's task guess (its last task_dim outputs) acts on its action outputs alone."""
     tasks, n_seeds, n_episodes, H = envs.sample_tasks(env, 2, "test"), 2, 3, envs.ENVS[env].horizon
     vec = envs.MultiTaskVecEnv(env, tasks, n_seeds, seed=0)                   # the same envs, replayed
     obs_dim, act_dim = vec.obs_dim, vec.act_dim
-    outputs = 3 * torch.rand(n_episodes * H, 2 * n_seeds, act_dim, generator=torch.Generator().manual_seed(0)) - 1.5
+    outputs = 3 * torch.rand(n_episodes * H, 2 * n_seeds, act_dim + task_dim,
+                             generator=torch.Generator().manual_seed(0)) - 1.5
     stats = {"obs_mean": torch.linspace(-0.2, 0.1, obs_dim), "obs_std": torch.linspace(0.5, 2.0, obs_dim),
              "rew_mean": torch.tensor(-0.7), "rew_std": torch.tensor(0.3)}
-    meta = {"env": env, "loss": "mse", "stats": stats, "reward_input": reward_input}
+    meta = {"env": env, "loss": "mse", "stats": stats, "reward_input": reward_input, "task_dim": task_dim}
     model = _ScriptedModel(outputs)
     returns = ad.rollout(model, meta, tasks, n_episodes, n_seeds=n_seeds, action_mode="sample", seed=0)
 
-    executed = outputs.clamp(-1, 1).view(n_episodes, H, 2, n_seeds, act_dim)  # [episode, step, task, seed, act]
+    # [episode, step, task, seed, act]
+    executed = outputs[..., :act_dim].clamp(-1, 1).view(n_episodes, H, 2, n_seeds, act_dim)
     history = {"obs": np.zeros((2, n_seeds, n_episodes, H, obs_dim), np.float32),
                "act": np.zeros((2, n_seeds, n_episodes, H, act_dim), np.float32),
                "rew": np.zeros((2, n_seeds, n_episodes, H), np.float32)}
@@ -1101,6 +1105,24 @@ def test_rollout_feeds_the_model_the_training_tokens(env, reward_input):
     trained_on, _ = ad.build_streams(history, stats)                           # [task, seed, step, d_in]
     rolled_out = torch.stack(model.tokens, 1).view(2, n_seeds, n_episodes * H, -1)
     torch.testing.assert_close(rolled_out, trained_on, rtol=1e-6, atol=1e-6)
+
+
+def test_task_guesses_read_the_guess_at_each_episodes_end_in_the_tasks_units():
+    """evaluate.TaskGuesses: the guess at the last step of each episode, de-standardised, against the task of
+    its own (task, seed) row; a guess right at the end of episode 2 alone is off by 0 there only."""
+    tasks, n_seeds, H = envs.sample_tasks("point_goal", 2, "test"), 2, envs.ENVS["point_goal"].horizon
+    task_stats = {"mean": torch.tensor([0.1, 0.5]), "std": torch.tensor([0.5, 0.25])}
+    truth = torch.as_tensor(tasks, dtype=torch.float32).repeat_interleave(n_seeds, 0)
+    outputs = torch.rand(3 * H, 2 * n_seeds, 4, generator=torch.Generator().manual_seed(0))
+    outputs[2 * H - 1, :, 2:] = (truth - task_stats["mean"]) / task_stats["std"]
+    meta = {"env": "point_goal", "loss": "mse", "horizon": H, "task_dim": 2, "task_stats": task_stats,
+            "stats": {"obs_mean": torch.zeros(2), "obs_std": torch.ones(2), "rew_mean": torch.tensor(0.0),
+                      "rew_std": torch.tensor(1.0)}}
+    guesser = evaluate.TaskGuesses(_ScriptedModel(outputs), 2)
+    ad.rollout(guesser, meta, tasks, 3, n_seeds=n_seeds)
+    errors, mean_error = guesser.errors(meta, tasks, n_seeds)
+    assert len(errors) == 3 and errors[1] < 1e-6 and min(errors[0], errors[2]) > 0.05
+    assert mean_error == pytest.approx(float((truth - task_stats["mean"]).square().sum(-1).mean().sqrt()))
 
 
 @pytest.mark.parametrize("env", ["reacher_goal", "pusher_goal", "half_cheetah_vel", "ant_dir"])
@@ -1137,6 +1159,45 @@ def test_reward_input_task_trains_and_resumes_on_the_reward_less_its_control_cos
     assert ad.load_checkpoint(str(tmp_path / "run"))[1]["meta"]["reward_input"] == "task"
     with pytest.raises(ad.DataError, match="reward_input='task'"):
         ad.train(ad.parse_args(_ad_argv(tmp_path, tmp_path / "data", *argv, "--epochs", "2", "--resume")))
+
+
+def test_task_loss_trains_a_task_guess_beside_the_action_head(tmp_path):
+    """--task-loss W: the model has task_dim more outputs, trained towards each stream's hidden task (the
+    history's, standardised over the training tasks) at every token with weight W on top of the action loss;
+    the held-out loss stays the action loss alone; the checkpoint keeps the setting and --resume refuses
+    another."""
+    _write_point_histories(tmp_path / "data", n_tasks=4)
+    (train_set, held_set, config, meta), (_, _, plain_config, _) = (
+        ad.prepare(_ad_args(tmp_path, tmp_path / "data", *extra)) for extra in (["--task-loss", "0.5"], []))
+    assert meta["task_dim"] == 2 and config["d_out"] == plain_config["d_out"] + 2
+    data = ad.load_histories(str(tmp_path / "data"), "point_goal", 2)
+    n_train = 4 - meta["holdout_tasks"]
+    task = torch.as_tensor(data["task"])
+    standardised = (task - task[:n_train].mean(0)) / task[:n_train].std(0)
+    tokens, targets = train_set
+    L = tokens.shape[1]
+    per_stream = standardised[:n_train].repeat_interleave(2, 0)                  # 2 streams a task
+    torch.testing.assert_close(targets["task"], per_stream[:, None].expand(-1, L, -1))
+    torch.testing.assert_close(held_set[1]["task"][:, 0], standardised[n_train:].repeat_interleave(2, 0))
+
+    torch.manual_seed(0)
+    model = ad.build_model(config)
+    out = model(tokens)
+    guess_error = torch.nn.functional.mse_loss(out[..., -2:], targets["task"])
+    torch.testing.assert_close(ad.training_loss(model, tokens, targets, "nll", 0.5),
+                               ad.action_loss(out[..., :-2], targets, "nll") + 0.5 * guess_error)
+    torch.testing.assert_close(torch.tensor(ad.validation_loss(model, *held_set, "nll")),
+                               ad.action_loss(model(held_set[0])[..., :-2], held_set[1], "nll"))
+
+    argv = ["--epochs", "1", "--eval-every", "1000"]
+    ad.train(_ad_args(tmp_path, tmp_path / "data", *argv, "--task-loss", "0.5"))
+    meta = ad.load_checkpoint(str(tmp_path / "run"))[1]["meta"]
+    assert (meta["task_loss"], meta["task_dim"]) == (0.5, 2)
+    run = {"arch": "mamba", "model_config": config, "params": 846, "context": "full", "stream_tokens": 60,
+           "rollout_window": None}                                   # evaluate.py keeps such runs apart
+    assert evaluate.label({**run, "task_loss": 0.5}) != evaluate.label({**run, "task_loss": 0.0})
+    with pytest.raises(ad.DataError, match="task_loss=0.5"):
+        ad.train(_ad_args(tmp_path, tmp_path / "data", *argv, "--epochs", "2", "--task-loss", "1", "--resume"))
 
 
 def test_ad_checkpoint_resume_and_evaluation(tmp_path, monkeypatch):
@@ -2149,6 +2210,12 @@ def test_epsilon_schedule_starts_at_one_and_ends_at_zero(n, clean, noisy):
         np.testing.assert_allclose(eps[1], (1 - 1 / noisy) ** 1.5, rtol=1e-6)
 
 
+def test_epsilon_schedule_clean_first_puts_noise_free_episodes_before_the_schedule():
+    eps = noise.epsilon_schedule(6, clean=0.25, clean_first=2)
+    np.testing.assert_array_equal(eps, np.concatenate([np.zeros(2), noise.epsilon_schedule(4, clean=0.25)]))
+    assert eps[2] == 1 and eps[-1] == 0
+
+
 def _noise(tmp_path, expert_dir, out, *extra):
     noise.main(["--env", "point_goal", "--expert", expert_dir, "--tasks", "3", "--streams", "2", "--episodes", "6",
                 "--out", str(out), *extra])
@@ -2221,7 +2288,7 @@ def test_near_miss_wrong_tasks_sit_closer_to_the_true_task():
 
     def shown(near, epsilon=0.5):
         rngs = [np.random.default_rng([0, i]) for i in range(20)]
-        return noise.shown_tasks("half_cheetah_vel", tasks, 50, epsilon, 1.0, rngs, near)
+        return noise.shown_tasks("half_cheetah_vel", np.repeat(tasks[:, None], 50, 1), epsilon, 1.0, rngs, near)
 
     plain, near = shown(1), shown(8)
     expected = np.zeros_like(plain)
@@ -2242,8 +2309,9 @@ def test_pusher_posterior_finds_the_task_from_rewards_alone(tmp_path):
     """The searcher's guess comes from the rewards: one episode of the expert shown the mean task puts its
     guess of the cylinder's start within 2 cm of the truth; the same tip path scored by another task's
     rewards moves the guess to that task; it never guesses a goal the prior rules out. Its histories
-    (--eps-start 0.3 --target shown) mix its clean action, the target, with that much noise; and --shown
-    posterior is refused where it does not apply."""
+    (--eps-start 0.3 --target shown) mix its clean action, the target, with that much noise; with
+    --wrong-task 1 the noisy episode's behaviour is steered by another task while the target stays the
+    searcher's action for its guess; and --shown posterior is refused where it does not apply."""
     model = experts.load_expert(os.path.join("checkpoints", "experts", "pusher_goal"), env="pusher_goal")
     tasks = envs.sample_tasks("pusher_goal", 2, "test", seed=0)
     env, other = (envs.make_env("pusher_goal", task, seed=0) for task in tasks)
@@ -2273,10 +2341,16 @@ def test_pusher_posterior_finds_the_task_from_rewards_alone(tmp_path):
     assert np.abs(u).max() <= 1 + 1e-4 and np.abs(u).max() > 0.9
     told_truth = model(h["obs"][0, 0, :5], np.broadcast_to(h["task"], (5, 4)).copy()).numpy()
     assert np.abs(h["act_mean"][0, 0, :5] - told_truth).max() > 0.1      # shown the mean task, not the truth
-    for bad in (["--env", "reacher_goal", "--shown", "posterior"],
-                ["--env", "pusher_goal", "--shown", "posterior", "--wrong-task", "0.5"]):
-        with pytest.raises(SystemExit, match="--shown posterior is pusher_goal's searcher"):
-            noise.parse_args(bad)
+    noise.main(["--env", "pusher_goal", "--tasks", "1", "--streams", "1", "--episodes", "2", "--clean", "0",
+                "--shown", "posterior", "--eps-start", "0.3", "--target", "shown", "--wrong-task", "1",
+                "--out", out + "_wrong"])
+    wrong = envs.load_history(envs.history_path(out + "_wrong", 0))
+    guessed = np.broadcast_to(noise.PusherPosterior.mean_task, (50, 4)).copy()  # episode 1's guess, while the
+    np.testing.assert_allclose(wrong["act_mean"][0, 0, :50], model(wrong["obs"][0, 0, :50], guessed).numpy(),
+                               atol=1e-6)                                # cylinder still stands (views it)
+    assert np.abs((wrong["act"][0, 0] - 0.7 * wrong["act_mean"][0, 0]) / 0.3).max() > 1.2  # steered elsewhere
+    with pytest.raises(SystemExit, match="--shown posterior is pusher_goal's searcher"):
+        noise.parse_args(["--env", "reacher_goal", "--shown", "posterior"])
     with pytest.raises(SystemExit, match="--eps-start 0.0 must be in"):
         noise.parse_args(["--eps-start", "0"])
 
