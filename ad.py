@@ -269,10 +269,11 @@ def task_dim_of(targets):
 def head_loss(out, targets, loss, task_weight):
     """The action loss; with a task target (--task-loss), plus task_weight x the squared error of the task
     guess, the model's last task_dim outputs, to the standardised hidden task at every token."""
-    value = action_loss(action_outputs(out, task_dim_of(targets)), targets, loss)
-    if "task" not in targets:
+    task_dim = task_dim_of(targets)
+    value = action_loss(action_outputs(out, task_dim), targets, loss)
+    if not task_dim:
         return value
-    return value + task_weight * F.mse_loss(out[..., -task_dim_of(targets):], targets["task"])
+    return value + task_weight * F.mse_loss(out[..., -task_dim:], targets["task"])
 
 
 def training_loss(model, tokens, targets, loss, task_weight=0.0):
@@ -348,6 +349,7 @@ def rollout(model, meta, tasks, n_episodes, n_seeds=1, action_mode="mean", seed=
     returns = np.zeros((vec.n_tasks, vec.n_envs, n_episodes))
     where = []  # per episode: [horizon + 1] arrays [tasks, seeds, d]
     reward_kind = meta.get("reward_input", RUN_DEFAULTS["reward_input"])
+    task_dim = meta.get("task_dim", RUN_DEFAULTS["task_dim"])  # outputs after the policy's: a task guess
     for episode in tqdm(range(n_episodes), desc=desc, disable=desc is None, leave=False):
         obs = torch.as_tensor(vec.reset(), device=device).reshape(n, -1)
         if record:
@@ -355,8 +357,7 @@ def rollout(model, meta, tasks, n_episodes, n_seeds=1, action_mode="mean", seed=
         for t in range(vec.horizon):
             first = torch.full((n,), float(t == 0), device=device)
             out, state = model.step(make_token(obs, prev_act, prev_rew, first, stats), state)
-            out = action_outputs(out, meta.get("task_dim", RUN_DEFAULTS["task_dim"]))
-            prev_act = choose_action(out, meta["loss"], action_mode, generator)
+            prev_act = choose_action(action_outputs(out, task_dim), meta["loss"], action_mode, generator)
             taken = prev_act.reshape(vec.n_tasks, vec.n_envs, -1).cpu().numpy()
             next_obs, rew, _ = vec.step(taken)
             returns[:, :, episode] += rew
