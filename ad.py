@@ -328,43 +328,66 @@ def rollout_window(meta, bounded=True):
     return meta["context"] if bounded and meta["context"] != "full" else None
 
 
+class InContextAgent:
+    """A model acting in context in n envs at once: at each step it reads the token [obs, the previous action
+    and reward, first] and answers an action [act_dim]; its state (the context) persists across episodes.
+    `window`: see at most that many tokens (SlidingContext). `blind`: the reward-blind control: the reward
+    slot of every token stays 0 (the data set's mean reward), so whatever the model still gains over the
+    episodes it did not learn from rewards. rollout() plays whole episodes with it; noise.py --player lets
+    it play learning histories."""
+
+    def __init__(self, model, meta, n, act_dim, action_mode="mean", seed=0, device="cpu", window=None, blind=False):
+        self.model = SlidingContext(model, window) if window else model
+        self.meta, self.action_mode, self.device, self.blind = meta, action_mode, device, blind
+        self.stats = {key: value.to(device) for key, value in meta["stats"].items()}
+        self.generator = torch.Generator(device).manual_seed(seed)
+        self.reward_kind = meta.get("reward_input", RUN_DEFAULTS["reward_input"])
+        self.task_dim = meta.get("task_dim", RUN_DEFAULTS["task_dim"])  # outputs after the policy's: a task guess
+        self.state = self.model.init_state(n, device)
+        self.prev_act = torch.zeros(n, act_dim, device=device)
+        self.prev_rew = torch.zeros(n, device=device)
+
+    @torch.no_grad()
+    def act(self, obs, first):
+        """obs [n, obs_dim] (numpy), first: the episode's first step -> the actions [n, act_dim] in [-1, 1]."""
+        obs = torch.as_tensor(obs, device=self.device)
+        first = torch.full((len(obs),), float(first), device=self.device)
+        out, self.state = self.model.step(make_token(obs, self.prev_act, self.prev_rew, first, self.stats), self.state)
+        action = choose_action(action_outputs(out, self.task_dim), self.meta["loss"], self.action_mode, self.generator)
+        return action.cpu().numpy()
+
+    def observe(self, taken, rew, env):
+        """What the step did: the actions taken [n, act_dim] (the agent's, or others mixed in) and their
+        rewards [n] in `env` (any env of the task family: it prices the control cost for reward_input)."""
+        self.prev_act = torch.as_tensor(taken, device=self.device)
+        if not self.blind:
+            seen = reward_input(rew, taken, env, self.reward_kind)
+            self.prev_rew = standardise_reward(torch.as_tensor(seen, device=self.device), self.stats)
+
+
 @torch.no_grad()
 def rollout(model, meta, tasks, n_episodes, n_seeds=1, action_mode="mean", seed=0, device="cpu", desc=None,
             window=None, record=False, blind=False):
     """In-context RL on `tasks`: n_seeds copies of each task play n_episodes consecutive episodes while the
     model's recurrent state (the context) persists across them; no gradient step. All tasks and seeds go
-    through one model call per time step. `window`: see at most that many tokens (SlidingContext).
-    `blind`: the reward-blind control: the reward slot of every token is 0 (the data set's mean reward), so
-    whatever the model still gains over the episodes it did not learn from rewards.
+    through one model call per time step. `window` and `blind`: see InContextAgent.
     Returns the episode returns [tasks, seeds, episodes]; with `record`, also what the agent did (the envs'
     trace(), for evaluate.py's pictures): where [tasks, seeds, episodes, horizon + 1, d] (after the reset and
     after every step) and each env's hidden goal [tasks, seeds, g]."""
     vec = envs.MultiTaskVecEnv(meta["env"], tasks, n_seeds, seed=seed)
     n = vec.n_tasks * vec.n_envs
-    stats = {key: value.to(device) for key, value in meta["stats"].items()}
-    generator = torch.Generator(device).manual_seed(seed)
-    model = SlidingContext(model, window) if window else model
-    state = model.init_state(n, device)
-    prev_act, prev_rew = torch.zeros(n, vec.act_dim, device=device), torch.zeros(n, device=device)
+    agent = InContextAgent(model, meta, n, vec.act_dim, action_mode, seed, device, window, blind)
     returns = np.zeros((vec.n_tasks, vec.n_envs, n_episodes))
     where = []  # per episode: [horizon + 1] arrays [tasks, seeds, d]
-    reward_kind = meta.get("reward_input", RUN_DEFAULTS["reward_input"])
-    task_dim = meta.get("task_dim", RUN_DEFAULTS["task_dim"])  # outputs after the policy's: a task guess
     for episode in tqdm(range(n_episodes), desc=desc, disable=desc is None, leave=False):
-        obs = torch.as_tensor(vec.reset(), device=device).reshape(n, -1)
+        obs = vec.reset()
         if record:
             where.append([vec.trace()[0]])
         for t in range(vec.horizon):
-            first = torch.full((n,), float(t == 0), device=device)
-            out, state = model.step(make_token(obs, prev_act, prev_rew, first, stats), state)
-            prev_act = choose_action(action_outputs(out, task_dim), meta["loss"], action_mode, generator)
-            taken = prev_act.reshape(vec.n_tasks, vec.n_envs, -1).cpu().numpy()
-            next_obs, rew, _ = vec.step(taken)
+            taken = agent.act(obs.reshape(n, -1), first=t == 0)
+            obs, rew, _ = vec.step(taken.reshape(vec.n_tasks, vec.n_envs, -1))
             returns[:, :, episode] += rew
-            obs = torch.as_tensor(next_obs, device=device).reshape(n, -1)
-            if not blind:
-                seen = reward_input(rew, taken, vec.envs[0][0], reward_kind)
-                prev_rew = standardise_reward(torch.as_tensor(seen, device=device).reshape(n), stats)
+            agent.observe(taken, rew.reshape(n), vec.envs[0][0])
             if record:
                 where[-1].append(vec.trace()[0])
     if not record:

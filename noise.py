@@ -36,6 +36,11 @@ rollouts fell below zero action; --eps-start below 1 keeps a little). Its action
 can copy the guess from them rather than read the rewards: --wrong-task P then steers a noisy episode by a
 wrong task while the target stays the searcher's action for its guess. --clean-first N leaves the first N
 episodes noise-free: their rewards are then free of the control cost of noise, which hides the cylinder.
+A model trained on such histories reads the searcher's path, not the rewards, and its own path at test time
+is not the searcher's. --player RUN closes that gap as DAgger does for imitation (Ross et al. 2011): an AD
+checkpoint plays the last --player-streams streams of each task itself, noise-free and in context, as at
+test time, while the target stays the expert's action (with --target shown: the searcher's guess from those
+very rewards). Trained on them, the next model learns to act on what its own rollouts show.
 The files are the RL scripts' format (envs.save_history, algo "noise"), so ad.py reads them as they are.
 The settings, eps per episode and the expert's path go to noise.json beside them: ad.py keeps it in its
 checkpoint, and evaluate.py then scores against the expert's noise-free return on the same test tasks.
@@ -48,6 +53,8 @@ written --parallel at a time and a killed run resumes from the tasks not yet wri
     python noise.py --env half_cheetah_vel --wrong-task 0.5 --wrong-near 8 --out data/half_cheetah_vel/noise_near
     python noise.py --env pusher_goal --shown posterior --eps-start 0.3 --target shown --out data/pusher_goal/post
     python noise.py --env pusher_goal --shown posterior --eps-start 0.6 --target shown --clean-first 1 --episodes 3
+    python noise.py --env pusher_goal --shown posterior --eps-start 0.6 --target shown --episodes 3 \
+        --streams 2 --player out/pusher_goal/RUN --player-streams 1 --out data/pusher_goal/dagger
     python ad.py --env half_cheetah_vel --data data/half_cheetah_vel/noise_expert --k 1
 """
 import argparse
@@ -60,6 +67,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import ad
 import envs
 import expert as experts
 import sac
@@ -161,10 +169,12 @@ def expert_actions(expert, vec, obs, shown):
 
 
 def noise_histories(expert, name, tasks, task_ids, eps, streams, target, expert_std, seed, wrong_task=0.0,
-                    wrong_near=1, posterior=False):
+                    wrong_near=1, posterior=False, player=None, player_streams=0):
     """Roll the expert out with annealed noise on `tasks` (streams copies each) for len(eps) episodes; with
     `posterior`, the expert intends each stream's PusherPosterior guess instead of the true task (and is
     shown it, unless a wrong-task episode shows it another; the target "shown" stays the guess's action).
+    player (an AD checkpoint: (model, meta)) plays the last `player_streams` streams of each task itself,
+    noise-free, in context as at test time; their targets are the expert's as in the other streams.
     Returns one dict of history arrays per task, as envs.save_history takes them."""
     vec = envs.MultiTaskVecEnv(name, tasks, streams, seed=seed, task_ids=task_ids)
     # per task: independent of chunking
@@ -173,6 +183,11 @@ def noise_histories(expert, name, tasks, task_ids, eps, streams, target, expert_
     true = np.repeat(tasks[:, None], streams, 1)
     searchers = [[PusherPosterior() for _ in range(streams)] for _ in tasks] if posterior else None
     T, E, H, A = len(tasks), streams, vec.horizon, vec.act_dim
+    played = slice(E - player_streams, E)  # the streams the player acts in
+    if player_streams:
+        # the mean action, as a batch: a played history depends on the tasks beside it by rounding only
+        window = ad.rollout_window(player[1])
+        agent = ad.InContextAgent(*player, n=T * player_streams, act_dim=A, window=window)
     arrays = {"obs": np.zeros((T, E, len(eps), H, vec.obs_dim), np.float32), "rew": np.zeros((T, E, len(eps), H), np.float32),
               **{key: np.zeros((T, E, len(eps), H, A), np.float32) for key in ("act", "act_mean", "act_std")}}
     for e, epsilon in enumerate(eps):
@@ -186,6 +201,8 @@ def noise_histories(expert, name, tasks, task_ids, eps, streams, target, expert_
             searched = guided if told_intended else expert_actions(expert, vec, obs, intended)
             u = np.stack([rng.uniform(-1, 1, (E, A)) for rng in rngs])
             act = (1 - epsilon) * guided + epsilon * u  # a convex mix of two actions in [-1, 1]: no clip needed
+            if player_streams:
+                act[:, played] = agent.act(obs[:, played].reshape(T * player_streams, -1), t == 0).reshape(T, -1, A)
             if target == "expert":
                 mean, std = best, expert_std
             elif target == "shown":
@@ -195,6 +212,9 @@ def noise_histories(expert, name, tasks, task_ids, eps, streams, target, expert_
             for key, value in (("obs", obs), ("act", act), ("act_mean", mean), ("act_std", std)):
                 arrays[key][:, :, e, t] = value
             obs, arrays["rew"][:, :, e, t], _ = vec.step(act)
+            if player_streams:
+                agent.observe(arrays["act"][:, played, e, t].reshape(-1, A), arrays["rew"][:, played, e, t].reshape(-1),
+                              vec.envs[0][0])
             for i, (row, env_row) in enumerate(zip(searchers or (), vec.envs)):
                 for j, (searcher, env) in enumerate(zip(row, env_row)):
                     reward = arrays["rew"][i, j, e, t]
@@ -218,17 +238,29 @@ def check_settings(out, settings):
     envs.write_json_atomic(path, settings, indent=1)
 
 
+def load_player(path, env, horizon):
+    """An AD checkpoint to play histories: (model, meta), checked against the env."""
+    model, ckpt = ad.load_checkpoint(path)
+    meta = ckpt["meta"]
+    if meta["env"] != env or meta["horizon"] != horizon:
+        raise ValueError(f"--player {path} acts in {meta['env']} (horizon {meta['horizon']}), not {env}: "
+                         f"train one with `python ad.py --env {env}`")
+    return model, meta
+
+
 def run(args):
     expert = experts.load_expert(args.expert, env=args.env)
     eps = epsilon_schedule(args.episodes, args.clean, args.power, args.eps_start, args.clean_first)
     horizon = envs.env_settings(args.env).horizon
+    player = load_player(args.player, args.env, horizon) if args.player else None
     steps = args.streams * args.episodes * horizon
     envs.prepare_out_dir(args.out)
     settings = {"env": args.env, "expert": args.expert, "target": args.target, "tasks": args.tasks,
                 "streams": args.streams, "episodes": args.episodes, "clean": args.clean,
                 "clean_first": args.clean_first, "power": args.power,
                 "eps_start": args.eps_start, "expert_std": args.expert_std, "wrong_task": args.wrong_task,
-                "wrong_near": args.wrong_near, "shown": args.shown, "split": args.split, "seed": args.seed,
+                "wrong_near": args.wrong_near, "shown": args.shown, "player": args.player,
+                "player_streams": args.player_streams if args.player else None, "split": args.split, "seed": args.seed,
                 "eps": eps.round(4).tolist()}
     check_settings(args.out, settings)
     tasks = envs.sample_tasks(args.env, args.tasks, args.split, seed=args.seed)
@@ -242,7 +274,8 @@ def run(args):
         chunk = todo[start:start + args.parallel]
         histories = noise_histories(expert, args.env, tasks[chunk], chunk, eps, args.streams, args.target,
                                     args.expert_std, args.seed, args.wrong_task, args.wrong_near,
-                                    posterior=args.shown == "posterior")
+                                    posterior=args.shown == "posterior", player=player,
+                                    player_streams=args.player_streams)
         for i, history in zip(chunk, histories):
             envs.save_history(envs.history_path(args.out, i), **history, task=tasks[i], env=args.env,
                               algo="noise", seed=args.seed, steps=steps, split=args.split)
@@ -276,6 +309,11 @@ def build_parser():
     p.add_argument("--shown", default="true", choices=("true", "posterior"),
                    help="the task the expert is shown: the true one, or (pusher_goal) PusherPosterior's guess "
                         "from the stream's earlier episodes")
+    p.add_argument("--player", default=None,
+                   help="an AD checkpoint (ckpt.pt or its run directory) that plays --player-streams streams of "
+                        "each task itself, noise-free, with the expert's targets (DAgger); None: the expert plays")
+    p.add_argument("--player-streams", type=int, default=None,
+                   help="how many streams of each task (the last ones) --player plays; None: all of them")
     p.add_argument("--split", default="train", choices=("train", "test"),
                    help="whose tasks: training, or evaluate.py's test tasks (with its --seed: the demonstrator's "
                         "own curve there, to set beside a model's)")
@@ -302,6 +340,14 @@ def parse_args(argv=None):
         sys.exit("error: --shown posterior is pusher_goal's searcher: use --env pusher_goal")
     if args.expert_std <= 0:
         sys.exit(f"error: --expert-std {args.expert_std} must be positive")
+    if args.player is None and args.player_streams is not None:
+        sys.exit("error: --player-streams needs --player, the AD checkpoint that plays them")
+    args.player_streams = (args.streams if args.player_streams is None else args.player_streams) if args.player else 0
+    if not 0 <= args.player_streams <= args.streams:
+        sys.exit(f"error: --player-streams {args.player_streams} must be in [0, --streams {args.streams}]")
+    if args.player and args.target == "behaviour":
+        sys.exit("error: --player with --target behaviour would train a model on its own actions: "
+                 "use --target expert or shown")
     args.tasks = args.tasks or envs.env_settings(args.env).train_tasks
     args.expert = args.expert or os.path.join("checkpoints", "experts", args.env)
     suffix = "_test" if args.split == "test" else ""
