@@ -44,8 +44,9 @@ very rewards). Trained on them, the next model learns to act on what its own rol
 The files are the RL scripts' format (envs.save_history, algo "noise"), so ad.py reads them as they are.
 The settings, eps per episode and the expert's path go to noise.json beside them: ad.py keeps it in its
 checkpoint, and evaluate.py then scores against the expert's noise-free return on the same test tasks.
-Each task's noise comes from its own seed, so a task's history does not depend on --parallel; tasks are
-written --parallel at a time and a killed run resumes from the tasks not yet written.
+Each task's noise comes from its own seed, so a task's history does not depend on --parallel (a --player
+acts for a chunk in one batch: by rounding only); tasks are written --parallel at a time and a killed run
+resumes from the tasks not yet written.
 
     python noise.py --env half_cheetah_vel             # expert at checkpoints/experts/ENV -> data/ENV/noise_expert
     python noise.py --env point_goal --target behaviour --tasks 20 --episodes 40
