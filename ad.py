@@ -338,7 +338,7 @@ class InContextAgent:
 
     def __init__(self, model, meta, n, act_dim, action_mode="mean", seed=0, device="cpu", window=None, blind=False):
         self.model = SlidingContext(model, window) if window else model
-        self.meta, self.action_mode, self.device, self.blind = meta, action_mode, device, blind
+        self.loss, self.action_mode, self.device, self.blind = meta["loss"], action_mode, device, blind
         self.stats = {key: value.to(device) for key, value in meta["stats"].items()}
         self.generator = torch.Generator(device).manual_seed(seed)
         self.reward_kind = meta.get("reward_input", RUN_DEFAULTS["reward_input"])
@@ -353,7 +353,7 @@ class InContextAgent:
         obs = torch.as_tensor(obs, device=self.device)
         first = torch.full((len(obs),), float(first), device=self.device)
         out, self.state = self.model.step(make_token(obs, self.prev_act, self.prev_rew, first, self.stats), self.state)
-        action = choose_action(action_outputs(out, self.task_dim), self.meta["loss"], self.action_mode, self.generator)
+        action = choose_action(action_outputs(out, self.task_dim), self.loss, self.action_mode, self.generator)
         return action.cpu().numpy()
 
     def observe(self, taken, rew, env):

@@ -40,7 +40,8 @@ A model trained on such histories reads the searcher's path, not the rewards, an
 is not the searcher's. --player RUN closes that gap as DAgger does for imitation (Ross et al. 2011): an AD
 checkpoint plays the last --player-streams streams of each task itself, noise-free and in context, as at
 test time, while the target stays the expert's action (with --target shown: the searcher's guess from those
-very rewards). Trained on them, the next model learns to act on what its own rollouts show.
+very rewards). The next model is trained on contexts like its own; DAgger repeats it, for each new model's
+path differs again.
 The files are the RL scripts' format (envs.save_history, algo "noise"), so ad.py reads them as they are.
 The settings, eps per episode and the expert's path go to noise.json beside them: ad.py keeps it in its
 checkpoint, and evaluate.py then scores against the expert's noise-free return on the same test tasks.
@@ -239,13 +240,12 @@ def check_settings(out, settings):
     envs.write_json_atomic(path, settings, indent=1)
 
 
-def load_player(path, env, horizon):
+def load_player(path, env):
     """An AD checkpoint to play histories: (model, meta), checked against the env."""
     model, ckpt = ad.load_checkpoint(path)
     meta = ckpt["meta"]
-    if meta["env"] != env or meta["horizon"] != horizon:
-        raise ValueError(f"--player {path} acts in {meta['env']} (horizon {meta['horizon']}), not {env}: "
-                         f"train one with `python ad.py --env {env}`")
+    if meta["env"] != env:
+        raise ValueError(f"--player {path} acts in {meta['env']}, not {env}: train one with `python ad.py --env {env}`")
     return model, meta
 
 
@@ -253,7 +253,7 @@ def run(args):
     expert = experts.load_expert(args.expert, env=args.env)
     eps = epsilon_schedule(args.episodes, args.clean, args.power, args.eps_start, args.clean_first)
     horizon = envs.env_settings(args.env).horizon
-    player = load_player(args.player, args.env, horizon) if args.player else None
+    player = load_player(args.player, args.env) if args.player else None
     steps = args.streams * args.episodes * horizon
     envs.prepare_out_dir(args.out)
     settings = {"env": args.env, "expert": args.expert, "target": args.target, "tasks": args.tasks,

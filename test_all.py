@@ -2404,7 +2404,7 @@ def test_a_player_checkpoint_plays_its_own_streams_in_context(tmp_path):
     settings = json.load(open(tmp_path / "played" / "noise.json"))
     assert settings["player"] == run and settings["player_streams"] == 1
     with pytest.raises(ValueError, match="acts in point_goal"):
-        noise.load_player(run, "reacher_goal", 50)
+        noise.load_player(run, "reacher_goal")
     for argv, message in ((["--player-streams", "1"], "needs --player"),
                           (["--player", run, "--player-streams", "6"], "must be in \\[0, --streams 5\\]"),
                           (["--player", run, "--target", "behaviour"], "its own actions")):
