@@ -41,7 +41,8 @@ is not the searcher's. --player RUN closes that gap as DAgger does for imitation
 checkpoint plays the last --player-streams streams of each task itself, noise-free and in context, as at
 test time, while the target stays the expert's action (with --target shown: the searcher's guess from those
 very rewards). The next model is trained on contexts like its own; DAgger repeats it, for each new model's
-path differs again.
+path differs again, and keeps every round's data: --player RUN0 RUN1 ... deals the played streams to the
+models of all rounds in turn.
 The files are the RL scripts' format (envs.save_history, algo "noise"), so ad.py reads them as they are.
 The settings, eps per episode and the expert's path go to noise.json beside them: ad.py keeps it in its
 checkpoint, and evaluate.py then scores against the expert's noise-free return on the same test tasks.
@@ -57,6 +58,8 @@ resumes from the tasks not yet written.
     python noise.py --env pusher_goal --shown posterior --eps-start 0.6 --target shown --clean-first 1 --episodes 3
     python noise.py --env pusher_goal --shown posterior --eps-start 0.6 --target shown --episodes 3 \
         --streams 2 --player out/pusher_goal/RUN --player-streams 1 --out data/pusher_goal/dagger
+    python noise.py --env pusher_goal --shown posterior --eps-start 0.6 --target shown --episodes 3 \
+        --streams 3 --player out/pusher_goal/RUN0 out/pusher_goal/RUN1 --player-streams 2 --out data/pusher_goal/dagger2
     python ad.py --env half_cheetah_vel --data data/half_cheetah_vel/noise_expert --k 1
 """
 import argparse
@@ -171,12 +174,12 @@ def expert_actions(expert, vec, obs, shown):
 
 
 def noise_histories(expert, name, tasks, task_ids, eps, streams, target, expert_std, seed, wrong_task=0.0,
-                    wrong_near=1, posterior=False, player=None, player_streams=0):
+                    wrong_near=1, posterior=False, players=(), player_streams=0):
     """Roll the expert out with annealed noise on `tasks` (streams copies each) for len(eps) episodes; with
     `posterior`, the expert intends each stream's PusherPosterior guess instead of the true task (and is
     shown it, unless a wrong-task episode shows it another; the target "shown" stays the guess's action).
-    player (an AD checkpoint: (model, meta)) plays the last `player_streams` streams of each task itself,
-    noise-free, in context as at test time; their targets are the expert's as in the other streams.
+    players (AD checkpoints: (model, meta) each) play the last `player_streams` streams of each task, dealt
+    in turn, noise-free, in context as at test time; their targets are the expert's as in the other streams.
     Returns one dict of history arrays per task, as envs.save_history takes them."""
     vec = envs.MultiTaskVecEnv(name, tasks, streams, seed=seed, task_ids=task_ids)
     # per task: independent of chunking
@@ -185,11 +188,7 @@ def noise_histories(expert, name, tasks, task_ids, eps, streams, target, expert_
     true = np.repeat(tasks[:, None], streams, 1)
     searchers = [[PusherPosterior() for _ in range(streams)] for _ in tasks] if posterior else None
     T, E, H, A = len(tasks), streams, vec.horizon, vec.act_dim
-    played = slice(E - player_streams, E)  # the streams the player acts in
-    if player_streams:
-        # the mean action, as a batch: a played history depends on the tasks beside it by rounding only
-        window = ad.rollout_window(player[1])
-        agent = ad.InContextAgent(*player, n=T * player_streams, act_dim=A, window=window)
+    agents = player_agents(players, T, E, player_streams, A)
     arrays = {"obs": np.zeros((T, E, len(eps), H, vec.obs_dim), np.float32), "rew": np.zeros((T, E, len(eps), H), np.float32),
               **{key: np.zeros((T, E, len(eps), H, A), np.float32) for key in ("act", "act_mean", "act_std")}}
     for e, epsilon in enumerate(eps):
@@ -203,8 +202,8 @@ def noise_histories(expert, name, tasks, task_ids, eps, streams, target, expert_
             searched = guided if told_intended else expert_actions(expert, vec, obs, intended)
             u = np.stack([rng.uniform(-1, 1, (E, A)) for rng in rngs])
             act = (1 - epsilon) * guided + epsilon * u  # a convex mix of two actions in [-1, 1]: no clip needed
-            if player_streams:
-                act[:, played] = agent.act(obs[:, played].reshape(T * player_streams, -1), t == 0).reshape(T, -1, A)
+            for streams_k, agent in agents:
+                act[:, streams_k] = agent.act(obs[:, streams_k].reshape(-1, vec.obs_dim), t == 0).reshape(T, -1, A)
             if target == "expert":
                 mean, std = best, expert_std
             elif target == "shown":
@@ -214,14 +213,25 @@ def noise_histories(expert, name, tasks, task_ids, eps, streams, target, expert_
             for key, value in (("obs", obs), ("act", act), ("act_mean", mean), ("act_std", std)):
                 arrays[key][:, :, e, t] = value
             obs, arrays["rew"][:, :, e, t], _ = vec.step(act)
-            if player_streams:
-                agent.observe(arrays["act"][:, played, e, t].reshape(-1, A), arrays["rew"][:, played, e, t].reshape(-1),
-                              vec.envs[0][0])
+            for streams_k, agent in agents:
+                agent.observe(arrays["act"][:, streams_k, e, t].reshape(-1, A),
+                              arrays["rew"][:, streams_k, e, t].reshape(-1), vec.envs[0][0])
             for i, (row, env_row) in enumerate(zip(searchers or (), vec.envs)):
                 for j, (searcher, env) in enumerate(zip(row, env_row)):
                     reward = arrays["rew"][i, j, e, t]
                     searcher.record(obs[i, j], reward, env.ctrl_cost_of(act[i, j]), env.cylinder_moved())
     return [{key: value[i] for key, value in arrays.items()} for i in range(T)]
+
+
+def player_agents(players, n_tasks, streams, player_streams, act_dim):
+    """One (stream indices, InContextAgent) per player: the last `player_streams` streams, dealt in turn. An
+    agent acts for all its streams of all tasks in one batch, so a played history depends on the tasks beside
+    it by rounding only; it takes the head's mean action, noise-free as at test time."""
+    first = streams - player_streams
+    dealt = [list(range(first + k, streams, len(players))) for k in range(len(players))]
+    return [(mine, ad.InContextAgent(model, meta, n=n_tasks * len(mine), act_dim=act_dim,
+                                     window=ad.rollout_window(meta)))
+            for mine, (model, meta) in zip(dealt, players)]
 
 
 def check_settings(out, settings):
@@ -253,7 +263,7 @@ def run(args):
     expert = experts.load_expert(args.expert, env=args.env)
     eps = epsilon_schedule(args.episodes, args.clean, args.power, args.eps_start, args.clean_first)
     horizon = envs.env_settings(args.env).horizon
-    player = load_player(args.player, args.env) if args.player else None
+    players = [load_player(path, args.env) for path in args.player or ()]
     steps = args.streams * args.episodes * horizon
     envs.prepare_out_dir(args.out)
     settings = {"env": args.env, "expert": args.expert, "target": args.target, "tasks": args.tasks,
@@ -275,7 +285,7 @@ def run(args):
         chunk = todo[start:start + args.parallel]
         histories = noise_histories(expert, args.env, tasks[chunk], chunk, eps, args.streams, args.target,
                                     args.expert_std, args.seed, args.wrong_task, args.wrong_near,
-                                    posterior=args.shown == "posterior", player=player,
+                                    posterior=args.shown == "posterior", players=players,
                                     player_streams=args.player_streams)
         for i, history in zip(chunk, histories):
             envs.save_history(envs.history_path(args.out, i), **history, task=tasks[i], env=args.env,
@@ -310,11 +320,11 @@ def build_parser():
     p.add_argument("--shown", default="true", choices=("true", "posterior"),
                    help="the task the expert is shown: the true one, or (pusher_goal) PusherPosterior's guess "
                         "from the stream's earlier episodes")
-    p.add_argument("--player", default=None,
-                   help="an AD checkpoint (ckpt.pt or its run directory) that plays --player-streams streams of "
-                        "each task itself, noise-free, with the expert's targets (DAgger); None: the expert plays")
+    p.add_argument("--player", nargs="+", default=None,
+                   help="AD checkpoints (ckpt.pt or run directories) that play --player-streams streams of each "
+                        "task, dealt in turn, noise-free, with the expert's targets (DAgger); None: the expert plays")
     p.add_argument("--player-streams", type=int, default=None,
-                   help="how many streams of each task (the last ones) --player plays; None: all of them")
+                   help="how many streams of each task (the last ones) the players play; None: all of them")
     p.add_argument("--split", default="train", choices=("train", "test"),
                    help="whose tasks: training, or evaluate.py's test tasks (with its --seed: the demonstrator's "
                         "own curve there, to set beside a model's)")
@@ -342,10 +352,13 @@ def parse_args(argv=None):
     if args.expert_std <= 0:
         sys.exit(f"error: --expert-std {args.expert_std} must be positive")
     if args.player is None and args.player_streams is not None:
-        sys.exit("error: --player-streams needs --player, the AD checkpoint that plays them")
+        sys.exit("error: --player-streams needs --player, the AD checkpoints that play them")
     args.player_streams = (args.streams if args.player_streams is None else args.player_streams) if args.player else 0
     if not 0 <= args.player_streams <= args.streams:
         sys.exit(f"error: --player-streams {args.player_streams} must be in [0, --streams {args.streams}]")
+    if args.player and args.player_streams < len(args.player):
+        sys.exit(f"error: --player-streams {args.player_streams} leaves one of the {len(args.player)} players "
+                 f"without a stream: give each at least one")
     if args.player and args.target == "behaviour":
         sys.exit("error: --player with --target behaviour would train a model on its own actions: "
                  "use --target expert or shown")

@@ -2379,35 +2379,42 @@ def test_ad_on_noise_histories_is_scored_against_the_expert(tmp_path):
     assert "reward-blind score" in (tmp_path / "run" / "scores.md").read_text()
 
 
-def test_a_player_checkpoint_plays_its_own_streams_in_context(tmp_path):
-    """noise.py --player RUN (DAgger): a played stream's actions are the model's own mean actions, noise-free,
-    with that stream as its context (replaying the stored stream through the model gives them back); the
-    other streams are the expert's noisy ones as before; every target stays the expert's; and a checkpoint
-    of another env, --player-streams without --player or beyond --streams, and a player trained on its
-    own actions are refused."""
+def test_player_checkpoints_play_their_own_streams_in_context(tmp_path):
+    """noise.py --player RUN0 RUN1 (DAgger): the played streams are dealt to the players in turn; each played
+    stream's actions are its player's own mean actions, noise-free, with that stream as its context
+    (replaying the stored stream through that model gives them back); the other streams are the expert's
+    noisy ones as before; every target stays the expert's; and a checkpoint of another env, --player-streams
+    without --player, beyond --streams or short of one stream a player, and a player trained on its own
+    actions are refused."""
     expert_dir = _saved_expert(tmp_path / "expert")
-    data = _noise(tmp_path, expert_dir, tmp_path / "data")
-    ad.train(_ad_args(tmp_path, tmp_path / "data", "--epochs", "2"))
-    run = str(tmp_path / "run")
-    model, ckpt = ad.load_checkpoint(run)
-    played = _noise(tmp_path, expert_dir, tmp_path / "played", "--player", run, "--player-streams", "1")
+    data = _noise(tmp_path, expert_dir, tmp_path / "data", "--streams", "3")
+    runs = [str(tmp_path / "run"), str(tmp_path / "run2")]
+    for run, epochs in zip(runs, ("2", "1")):
+        ad.train(_ad_args(tmp_path, tmp_path / "data", "--epochs", epochs, "--out", run))
+    played = _noise(tmp_path, expert_dir, tmp_path / "played", "--streams", "3", "--player", *runs,
+                    "--player-streams", "2")
     expert = experts.load_expert(expert_dir)
     for h_expert, h in zip(data, played):
         np.testing.assert_allclose(h["act"][0], h_expert["act"][0], atol=1e-6)      # stream 0: the expert's
-        best = expert(h["obs"], np.broadcast_to(h["task"], (2, 6, 20, 2)).copy()).numpy()
+        best = expert(h["obs"], np.broadcast_to(h["task"], (3, 6, 20, 2)).copy()).numpy()
         np.testing.assert_allclose(h["act_mean"], best, atol=1e-6)
-        tokens = ad.stream_tokens(*(torch.as_tensor(h[key][1]) for key in ("obs", "act", "rew")), ckpt["meta"]["stats"])
-        with torch.no_grad():
-            replayed = ad.choose_action(model(tokens[None])[0], "nll", "mean").numpy()
-        np.testing.assert_allclose(h["act"][1].reshape(-1, 2), replayed, atol=1e-5)
-        assert np.abs(h["act"][1] - h_expert["act"][1]).max() > 0.1
+        for stream, run in zip((1, 2), runs):
+            model, ckpt = ad.load_checkpoint(run)
+            tokens = ad.stream_tokens(*(torch.as_tensor(h[key][stream]) for key in ("obs", "act", "rew")),
+                                      ckpt["meta"]["stats"])
+            with torch.no_grad():
+                replayed = ad.choose_action(model(tokens[None])[0], "nll", "mean").numpy()
+            np.testing.assert_allclose(h["act"][stream].reshape(-1, 2), replayed, atol=1e-5)
+            assert np.abs(h["act"][stream] - h_expert["act"][stream]).max() > 0.1
+        assert np.abs(h["act"][1] - h["act"][2]).max() > 1e-3                      # two players, two paths
     settings = json.load(open(tmp_path / "played" / "noise.json"))
-    assert settings["player"] == run and settings["player_streams"] == 1
+    assert settings["player"] == runs and settings["player_streams"] == 2
     with pytest.raises(ValueError, match="acts in point_goal"):
-        noise.load_player(run, "reacher_goal")
+        noise.load_player(runs[0], "reacher_goal")
     for argv, message in ((["--player-streams", "1"], "needs --player"),
-                          (["--player", run, "--player-streams", "6"], "must be in \\[0, --streams 5\\]"),
-                          (["--player", run, "--target", "behaviour"], "its own actions")):
+                          (["--player", runs[0], "--player-streams", "6"], "must be in \\[0, --streams 5\\]"),
+                          (["--player", *runs, "--player-streams", "1"], "without a stream"),
+                          (["--player", runs[0], "--target", "behaviour"], "its own actions")):
         with pytest.raises(SystemExit, match=message):
             noise.parse_args(argv)
 
