@@ -37,7 +37,7 @@ can copy the guess from them rather than read the rewards: --wrong-task P then s
 wrong task while the target stays the searcher's action for its guess. --clean-first N leaves the first N
 episodes noise-free: their rewards are then free of the control cost of noise, which hides the cylinder.
 A model trained on such histories reads the searcher's path, not the rewards, and its own path at test time
-is not the searcher's. --player RUN closes that gap as DAgger does for imitation (Ross et al. 2011): an AD
+is not the searcher's. --player RUN aims at that gap as DAgger does in imitation (Ross et al. 2011): an AD
 checkpoint plays the last --player-streams streams of each task itself, noise-free and in context, as at
 test time, while the target stays the expert's action (with --target shown: the searcher's guess from those
 very rewards). The next model is trained on contexts like its own; DAgger repeats it, for each new model's
