@@ -2394,12 +2394,12 @@ def test_player_checkpoints_play_their_own_streams_in_context(tmp_path):
     played = _noise(tmp_path, expert_dir, tmp_path / "played", "--streams", "3", "--player", *runs,
                     "--player-streams", "2")
     expert = experts.load_expert(expert_dir)
+    players = [ad.load_checkpoint(run) for run in runs]
     for h_expert, h in zip(data, played):
         np.testing.assert_allclose(h["act"][0], h_expert["act"][0], atol=1e-6)      # stream 0: the expert's
         best = expert(h["obs"], np.broadcast_to(h["task"], (3, 6, 20, 2)).copy()).numpy()
         np.testing.assert_allclose(h["act_mean"], best, atol=1e-6)
-        for stream, run in zip((1, 2), runs):
-            model, ckpt = ad.load_checkpoint(run)
+        for stream, (model, ckpt) in zip((1, 2), players):
             tokens = ad.stream_tokens(*(torch.as_tensor(h[key][stream]) for key in ("obs", "act", "rew")),
                                       ckpt["meta"]["stats"])
             with torch.no_grad():
